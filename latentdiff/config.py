@@ -1,0 +1,121 @@
+"""Model architectures as frozen dataclasses, and the named presets stored as JSON beside this file.
+
+A preset's keys equal the dataclass fields; an unknown key is an error, and there are no class paths.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """CLIP text transformer. SD 1.x: OpenAI ViT-L/14 text tower; SD 2.x: OpenCLIP ViT-H/14."""
+
+    vocab_size: int = 49408
+    max_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    ff_width: int = 3072
+    activation: str = "quick_gelu"  # "quick_gelu" (SD 1.x) or "gelu" (SD 2.x)
+    # Which hidden state conditions the U-Net (final layer norm applied): -1 last, -2 penultimate
+    # (SD 2.x single files, whose text tower keeps all 24 layers).
+    output_layer: int = -1
+    pad_id: int = 49407  # SD 1.x pads with the end token, SD 2.x (OpenCLIP) with id 0
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) with transformers
+    num_heads: int | None = 8  # SD 1.x: a fixed head count ...
+    head_dim: int | None = None  # ... SD 2.x: a fixed head width (64); exactly one is set
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    upcast_attention: bool = False  # SD 2.x-v: attention scores in fp32 even under fp16
+
+    def heads_at(self, channels: int) -> int:
+        return self.num_heads if self.num_heads is not None else channels // self.head_dim
+
+    def __post_init__(self):
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise InputError("UNetConfig: set exactly one of num_heads and head_dim")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "sd1"
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    prediction: str = "eps"  # "eps" or "v"; not readable from tensor shapes
+    latent_scale: float = 0.18215
+    resolution: int = 512  # native image size
+    # Training noise schedule (DDPM betas) the U-Net was trained under.
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if self.prediction not in ("eps", "v"):
+            raise InputError(f"prediction must be 'eps' or 'v', not {self.prediction!r}")
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = {"text": TextEncoderConfig, "unet": UNetConfig, "vae": VAEConfig}.get(key)
+        if cls is ModelConfig and sub is not None:
+            value = _build(sub, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, where: str = "config") -> ModelConfig:
+    return _build(ModelConfig, data, where)
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def preset(name: str) -> ModelConfig:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise InputError(f"unknown preset {name!r}; choose one of {preset_names()}")
+    return config_from_dict(json.loads(path.read_text()), where=str(path))
