@@ -1,0 +1,300 @@
+"""Checkpoint files: safe reading, strict loading into modules, atomic writing.
+
+Reading never executes code from a file: safetensors is plain data, and PyTorch pickles go through
+`torch.load(weights_only=True)`, which refuses any object that is not a tensor or a plain container.
+The file's content decides how it is read; its extension only serves to catch a pickle that poses
+as a .safetensors file. Large files are memory-mapped, so a tensor costs RAM only once it is used.
+"""
+
+import json
+import logging
+import os
+import pickle
+import re
+import secrets
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError, InputError
+
+log = logging.getLogger("latentdiff")
+
+# Where each component lives in an original (CompVis/ldm) single-file checkpoint.
+ORIGINAL_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text": "cond_stage_model.",
+}
+
+ACCEPTED_FORMATS = ".safetensors, or a PyTorch checkpoint written by torch.save (.ckpt, .pt, .pth, .bin)"
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+_ZIP_MAGIC = b"PK\x03\x04"
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+# ---------------------------------------------------------------------------------------------------
+# File layer: one file in, a flat {name: tensor} dict out.
+# ---------------------------------------------------------------------------------------------------
+
+
+def checkpoint_format(path) -> str:
+    """What a checkpoint file holds, judged from its first bytes: "safetensors", "torch-zip"
+    (torch.save since PyTorch 1.6) or "torch-pickle" (the older, non-zip torch.save format).
+
+    Raises CheckpointError for anything that is not a readable checkpoint, with the reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: file does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file; pass the file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: file is empty (0 bytes); the download or copy failed, fetch it again")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_LFS_POINTER):
+        raise CheckpointError(f"{path}: is a git-LFS pointer (a small text stub), not the weights; "
+                              "run `git lfs pull` in its repository to fetch the real file")
+    if head.startswith(_ZIP_MAGIC):
+        kind = "torch-zip"
+    elif len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        kind = "torch-pickle"
+    elif len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        kind = "safetensors"
+    else:
+        raise CheckpointError(f"{path}: is not a checkpoint (it starts with {head[:16]!r}); "
+                              f"accepted formats: {ACCEPTED_FORMATS}")
+    if kind != "safetensors" and path.suffix.lower() == ".safetensors":
+        raise CheckpointError(f"{path}: is named .safetensors but holds a PyTorch pickle; refusing to "
+                              "load it, since pickles can run code. Get the genuine .safetensors file")
+    return kind
+
+
+def safetensors_metadata(path) -> dict[str, str]:
+    """The text metadata of a safetensors header (`__metadata__`); {} for a PyTorch pickle."""
+    if checkpoint_format(path) != "safetensors":
+        return {}
+    return _safetensors_header(Path(path)).get("__metadata__", {})
+
+
+def read_state_dict(path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file, memory-mapped where the format allows.
+
+    A {"state_dict": {...}, "global_step": ...} wrapper is unwrapped and non-tensor entries are
+    dropped. `dtype` casts floating-point tensors (which copies them out of the mapping).
+    """
+    path = Path(path)
+    if dtype is not None and not dtype.is_floating_point:
+        raise InputError(f"read_state_dict: dtype must be a floating-point dtype, not {dtype}")
+    kind = checkpoint_format(path)
+    tensors = _read_safetensors(path) if kind == "safetensors" else _read_torch(path, kind)
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors; it is not a model checkpoint")
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    return tensors
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The parsed JSON header, after checking that the file is as long as the header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > _MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated or damaged safetensors file: the header claims "
+                                  f"{header_len} bytes but the file has {size}; download it again")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: damaged safetensors header ({e}); download it again") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged safetensors header (not a JSON object); download it again")
+    try:
+        data_len = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"),
+                       default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged safetensors header (bad data_offsets); download it again") from e
+    if 8 + header_len + data_len > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: it has {size} bytes, its header "
+                              f"needs {8 + header_len + data_len}; the download was cut short, fetch it again")
+    return header
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    _safetensors_header(path)  # for the precise truncation message; safe_open re-reads it
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: damaged safetensors file ({e}); download it again") from e
+
+
+def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    try:
+        # mmap only works for the zip format; weights_only refuses every non-tensor global.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
+    except Exception as e:  # torch raises a zoo of types (RuntimeError, EOFError, struct.error, ...)
+        text = _plain(e)
+        forbidden = re.search(r"GLOBAL (\S+?)(?:\s|$)", text) if isinstance(e, pickle.UnpicklingError) else None
+        if forbidden:
+            raise CheckpointError(
+                f"{path}: refused to load: this pickle calls {forbidden.group(1)}, not just tensor "
+                "constructors, and pickles can run arbitrary code. If you trust its source, convert it to "
+                ".safetensors in a separate trusted environment, or download the model's .safetensors "
+                "release") from e
+        reason = re.split(r"\.\s|\n", text)[0] or type(e).__name__  # torch's first sentence says it
+        raise CheckpointError(f"{path}: cannot read this PyTorch checkpoint: the file is damaged, "
+                              f"truncated or not written by torch.save ({reason}); download it again") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _plain(error: Exception) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch colours parts of its messages
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading into a module: all or nothing, never a random weight left in place.
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, where: str,
+                dtype: torch.dtype | None = None) -> None:
+    """Load `state_dict` into `module`, which must find every tensor it expects at its shape.
+
+    Extra checkpoint entries (EMA copies, position_ids, ...) are ignored with one log line. Tensors
+    are cast to `dtype` (floating point only; default: the module's own dtypes) and then *assigned*,
+    not copied, so no second copy of the weights is held: build the module on the "meta" device to
+    skip its random initialisation entirely. `where` names the file or component in messages.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise InputError(f"load_strict: dtype must be a floating-point dtype, not {dtype}")
+    expected = module.state_dict()
+    bad = [k for k, want in expected.items()
+           if k not in state_dict or state_dict[k].shape != want.shape]
+    if bad:
+        key = bad[0]
+        want = tuple(expected[key].shape)
+        if key in state_dict:
+            problem = f"tensor {key!r} has the wrong shape: expected {want}, found {tuple(state_dict[key].shape)}"
+        else:
+            problem = f"tensor {key!r} is missing: expected shape {want}, found nothing"
+        hint = ""
+        if len(bad) == len(expected) and state_dict:
+            hint = f"; the checkpoint's keys look like {next(iter(state_dict))!r} (wrong component or prefix?)"
+        raise CheckpointError(f"{where}: {problem} ({len(bad)} of {len(expected)} expected tensors are "
+                              f"missing or mis-shaped){hint}. The checkpoint does not match this model's "
+                              "configuration; check the file and the model config")
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        log.info("%s: ignoring %d checkpoint tensor(s) the model does not use, e.g. %s",
+                 where, len(extra), ", ".join(extra[:3]))
+    module.load_state_dict({k: _cast_like(state_dict[k], want, dtype) for k, want in expected.items()},
+                           strict=True, assign=True)
+
+
+def _cast_like(tensor: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` on the module's device (kept where it is for a meta module) and in the target dtype;
+    `.to` returns the tensor itself when nothing changes, so matching tensors are never copied."""
+    target = dtype if dtype is not None and want.is_floating_point() else want.dtype
+    device = tensor.device if want.device.type == "meta" else want.device
+    return tensor.to(device=device, dtype=target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: a temporary file beside the target, renamed into place once complete.
+# ---------------------------------------------------------------------------------------------------
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None,
+                     *, overwrite: bool = False) -> Path:
+    """Write `state_dict` as a .safetensors file and return its path. A failure leaves neither the
+    target nor a temporary file behind; an existing file is only replaced with overwrite=True."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists; refusing to overwrite it. Choose another output "
+                              "path or pass overwrite=True")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: output folder {path.parent} does not exist; create it first")
+    bad_meta = [k for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad_meta:
+        raise InputError(f"save_safetensors: metadata must map str to str; offending key(s): {bad_meta}")
+    tensors = _packed(state_dict)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = os.stat(tmp).st_mode  # 0o666 less the umask: what any new file here gets
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors writes a private (0600) file of its own and renames it onto ours
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        _publish(tmp, path, overwrite)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise CheckpointError(f"{path}: writing failed ({e}); nothing was written") from e
+        raise
+    return path
+
+
+def _packed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, each owning its storage: safetensors refuses entries that share memory
+    (tied weights, q/k/v views of one fused tensor), so later sharers are copied."""
+    seen, out = set(), {}
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise InputError(f"save_safetensors: entry {key!r} is a {type(tensor).__name__}; "
+                             "only str -> torch.Tensor entries can be saved")
+        tensor = tensor.detach().contiguous()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        if storage in seen:
+            tensor = tensor.clone()
+        seen.add(storage)
+        out[key] = tensor
+    return out
+
+
+def _publish(tmp: str, path: Path, overwrite: bool) -> None:
+    if not overwrite:
+        try:
+            os.link(tmp, path)  # creates `path` only if absent: a file that appeared meanwhile survives
+        except OSError:  # FileExistsError, or a filesystem without hard links (FAT, some network mounts)
+            if path.exists():
+                raise CheckpointError(f"{path}: a file appeared there while writing; "
+                                      "refusing to overwrite it") from None
+        else:
+            os.unlink(tmp)
+            return
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single-file checkpoints hold every component under its own key prefix.
+# ---------------------------------------------------------------------------------------------------
+
+
+def split_prefixed(state_dict: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, dict]:
+    """Split a state dict by key prefix, e.g. ORIGINAL_PREFIXES: {name: {key without prefix: tensor}},
+    plus "unused" for the keys no prefix matches (kept whole). The longest matching prefix wins."""
+    if "unused" in prefixes:
+        raise InputError("split_prefixed: 'unused' is reserved for the leftover keys; rename that part")
+    parts = {name: {} for name in prefixes}
+    parts["unused"] = {}
+    longest_first = sorted(prefixes.items(), key=lambda item: -len(item[1]))
+    for key, tensor in state_dict.items():
+        for name, prefix in longest_first:
+            if key.startswith(prefix):
+                parts[name][key[len(prefix):]] = tensor
+                break
+        else:
+            parts["unused"][key] = tensor
+    return parts
