@@ -19,7 +19,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the activation dtype: fp16 statistics overflow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def group_norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
