@@ -5,6 +5,7 @@ The module tree equals the SD 1.x checkpoint keys after `cond_stage_model.`
 one strict `load_state_dict`. SD 2.x's OpenCLIP layout is converted by latentdiff/formats/clip.py.
 """
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,10 +33,12 @@ class Tokenizer:
         from transformers import CLIPTokenizer  # imported here: a slow import only tokenizing needs
 
         folder = Path(folder)
+        # Older folders carry vocab.json + merges.txt; transformers 5 writes a single tokenizer.json.
         missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
-        if missing:
-            raise CheckpointError(f"tokenizer folder {folder} lacks {', '.join(missing)}; point to a diffusers "
-                                  "model's tokenizer/ folder, or leave it out to use the bundled CLIP vocabulary")
+        if missing and not (folder / "tokenizer.json").is_file():
+            raise CheckpointError(f"tokenizer folder {folder} lacks {', '.join(missing)} (or tokenizer.json); point "
+                                  "to a diffusers model's tokenizer/ folder, or leave it out to use the bundled CLIP "
+                                  "vocabulary")
         if max_length < 2:
             raise InputError(f"Tokenizer: max_length={max_length} leaves no room for the start and end tokens; use 77")
         self.bpe = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -47,11 +50,23 @@ class Tokenizer:
             self.bpe = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, pad_token=self.bpe.eos_token)
         self.pad_id = folder_pad_id if pad_id is None else pad_id
         self.max_length = max_length
+        self.folder = folder
 
     @classmethod
     def from_folder(cls, path: str | Path, pad_id: int | None = None, max_length: int = 77) -> "Tokenizer":
         """A model folder's own tokenizer files (diffusers `tokenizer/`); pad_id=None takes its pad token."""
         return cls(pad_id, max_length, folder=path)
+
+    def save(self, folder: str | Path) -> None:
+        """Write a tokenizer folder that transformers and diffusers load with this pad convention."""
+        from transformers import CLIPTokenizer
+
+        pad_token = self.bpe.convert_ids_to_tokens(self.pad_id)
+        CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True, pad_token=pad_token).save_pretrained(
+            str(folder))
+        for name in ("vocab.json", "merges.txt"):  # what older transformers versions read
+            if (self.folder / name).is_file():
+                shutil.copyfile(self.folder / name, Path(folder) / name)
 
     def _ids(self, prompts: list[str]) -> list[list[int]]:
         """Untruncated ids with start and end tokens, one list per prompt."""

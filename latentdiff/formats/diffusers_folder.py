@@ -1,0 +1,141 @@
+"""diffusers model folders (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+Every key goes through the component mapping tables in this package; nothing else knows this layout.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_strict, read_state_dict, save_safetensors
+from ..clip import Tokenizer
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model import StableDiffusion, build_on_meta
+from .clip import text_config_from_hf, text_config_to_hf
+from .unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_from_diffusers, unet_to_diffusers
+from .vae import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, vae_to_diffusers
+
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent.parent}: diffusers folder is missing {path.parent.name}/{path.name}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _weights(folder: Path, part: str) -> dict:
+    for name in WEIGHT_FILES[part]:
+        if (folder / part / name).is_file():
+            return read_state_dict(folder / part / name)
+    raise CheckpointError(f"{folder}: no weights in {part}/ (looked for {', '.join(WEIGHT_FILES[part])})")
+
+
+def read_diffusers_folder(path: str | Path, *, prediction: str | None = None,
+                          dtype: torch.dtype | None = None) -> StableDiffusion:
+    path = Path(path)
+    _json(path / "model_index.json")
+    unet = unet_config_from_diffusers(_json(path / "unet" / "config.json"))
+    vae_json = _json(path / "vae" / "config.json")
+    vae = vae_config_from_diffusers(vae_json)
+    text = text_config_from_hf(_json(path / "text_encoder" / "config.json"))
+    scheduler = _json(path / "scheduler" / "scheduler_config.json")
+    tokenizer = Tokenizer.from_folder(path / "tokenizer", max_length=text.max_length)
+    text = dataclasses.replace(text, pad_id=tokenizer.pad_id)
+    config = ModelConfig(
+        name=path.name, text=text, unet=unet, vae=vae,
+        prediction=prediction or PREDICTION.get(scheduler.get("prediction_type", "epsilon"), "eps"),
+        latent_scale=vae_json.get("scaling_factor", 0.18215),
+        resolution=_json(path / "unet" / "config.json").get("sample_size", 64) * vae.downsample_factor,
+        beta_schedule=scheduler.get("beta_schedule", "scaled_linear"),
+        beta_start=scheduler.get("beta_start", 0.00085), beta_end=scheduler.get("beta_end", 0.012),
+        num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
+    sd = {UNET + k: v for k, v in unet_from_diffusers(_weights(path, "unet"), unet).items()}
+    sd |= {VAE + k: v for k, v in vae_from_diffusers(_weights(path, "vae"), vae).items()}
+    # transformers < 5 saves CLIPTextModel keys under `text_model.`; 5.x saves them without it.
+    sd |= {TEXT + (k if k.startswith("text_model.") else "text_model." + k): v
+           for k, v in _weights(path, "text_encoder").items()}
+    model = build_on_meta(config, tokenizer)
+    load_strict(model, sd, where=str(path), dtype=dtype)
+    return model
+
+
+def _text_for_diffusers(model: StableDiffusion) -> tuple[dict, dict]:
+    """CLIPTextModel always returns its last layer, so a model that conditions on layer -k is written with
+    its last k-1 layers dropped (how diffusers converts SD 2.x: 24 OpenCLIP layers -> 23)."""
+    cfg = model.config.text
+    keep = cfg.layers + cfg.output_layer + 1
+    dropped = tuple(f"text_model.encoder.layers.{i}." for i in range(keep, cfg.layers))
+    sd = {k[len("transformer."):]: v for k, v in model.text_encoder.state_dict().items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith(dropped)}
+    return sd, text_config_to_hf(dataclasses.replace(cfg, layers=keep, output_layer=-1))
+
+
+def write_diffusers_folder(model: StableDiffusion, path: str | Path) -> Path:
+    """Write a folder diffusers' StableDiffusionPipeline.from_pretrained loads. Built in a temporary folder
+    beside the target and renamed, so a failure leaves nothing; an existing target is never touched."""
+    path = Path(path)
+    if path.exists():
+        raise CheckpointError(f"{path} already exists; choose a new output folder (nothing was overwritten)")
+    cfg = model.config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        text_sd, text_json = _text_for_diffusers(model)
+        parts = {
+            "unet": (unet_config_to_diffusers(cfg.unet) | {"sample_size": cfg.resolution // cfg.vae.downsample_factor},
+                     unet_to_diffusers(model.unet.state_dict(), cfg.unet), "diffusion_pytorch_model.safetensors"),
+            "vae": (vae_config_to_diffusers(cfg.vae, cfg.latent_scale) | {"sample_size": cfg.resolution},
+                    vae_to_diffusers(model.vae.state_dict(), cfg.vae), "diffusion_pytorch_model.safetensors"),
+            "text_encoder": (text_json, text_sd, "model.safetensors"),
+            "scheduler": (_scheduler_config(cfg), None, None),
+        }
+        for part, (config, weights, filename) in parts.items():
+            (tmp / part).mkdir()
+            (tmp / part / ("scheduler_config.json" if part == "scheduler" else "config.json")).write_text(
+                json.dumps(config, indent=2))
+            if weights is not None:
+                save_safetensors(weights, tmp / part / filename)
+        model.tokenizer.save(tmp / "tokenizer")
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _scheduler_config(cfg: ModelConfig) -> dict:
+    # What SD 1.5 / 2.x ship: PNDM, leading spacing, steps_offset 1.
+    return {"_class_name": "PNDMScheduler", "beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start,
+            "beta_end": cfg.beta_end, "num_train_timesteps": cfg.num_train_timesteps,
+            "prediction_type": {"eps": "epsilon", "v": "v_prediction"}[cfg.prediction],
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+            "timestep_spacing": "leading"}
+
+
+def _model_index() -> dict:
+    return {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
