@@ -1,0 +1,261 @@
+"""The `latentdiff` command: txt2img, img2img, info, convert, samplers."""
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+from pathlib import Path
+
+from .errors import InputError, LatentDiffError
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "weights" / "demo" / "model.safetensors"
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"single-file checkpoint or diffusers folder (default: the bundled demo "
+                                   f"model, {DEMO_MODEL})")
+    p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="what to draw")
+    p.add_argument("-n", "--negative-prompt", default="")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 20, or the model's own default)")
+    p.add_argument("--sampler", default="Euler a", help="sampler name as users type it (see `latentdiff samplers`)")
+    p.add_argument("--schedule", help="sigma schedule (default: the sampler's own, e.g. karras for 'DPM++ 2M Karras')")
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, help="random when omitted (and printed); image i of a batch uses seed+i")
+    p.add_argument("--batch-size", type=int, default=1, help="images per sampling run")
+    p.add_argument("--n-iter", type=int, default=1, help="number of sampling runs")
+    p.add_argument("--clip-skip", type=int, default=1, help="1 = the model's layer, 2 = one earlier, ...")
+    p.add_argument("--eta", type=float, help="noise amount for DDIM and ancestral samplers")
+    p.add_argument("-o", "--outdir", default="outputs", help="output folder (created; never overwritten)")
+    p.add_argument("--prompts-file", help="batch mode: one prompt per line, or JSON lines with per-line options")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentdiff", description="Stable Diffusion text-to-image and image-to-image.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t2i = sub.add_parser("txt2img", help="generate images from a prompt")
+    _add_generation_flags(t2i)
+    t2i.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's native size)")
+    t2i.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the model's native size)")
+    t2i.add_argument("--from-png", help="regenerate the image whose parameters this PNG carries")
+    i2i = sub.add_parser("img2img", help="redraw an image guided by a prompt (SDEdit)")
+    _add_generation_flags(i2i)
+    i2i.add_argument("--init-image", required=True, help="the starting image")
+    i2i.add_argument("--strength", type=float, default=0.75, help="0..1: how much to change (1 = ignore the image)")
+    info = sub.add_parser("info", help="show a checkpoint's architecture or a PNG's generation parameters")
+    info.add_argument("path")
+    info.add_argument("--prediction", choices=["eps", "v"])
+    conv = sub.add_parser("convert", help="single file <-> diffusers folder")
+    conv.add_argument("source", help="a .safetensors/.ckpt file or a diffusers folder")
+    conv.add_argument("target", help="*.safetensors -> single file; anything else -> a new diffusers folder")
+    conv.add_argument("--config", help="preset instead of detection (single-file sources)")
+    conv.add_argument("--prediction", choices=["eps", "v"])
+    conv.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (e.g. fp16 halves the size)")
+    sub.add_parser("samplers", help="list sampler names and schedules")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (LatentDiffError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        if args.debug:
+            raise
+        print(f"latentdiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latentdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- commands --------------------------------------------------------------------------------------------
+
+def _torch_dtype(name):
+    import torch
+    return getattr(torch, DTYPES[name]) if name else None
+
+
+def _pipeline(args):
+    from .pipeline import Pipeline
+    model = args.model or DEMO_MODEL
+    if not Path(model).exists():
+        hint = "pass --model PATH" if args.model else "the bundled demo model is missing: pass --model PATH"
+        raise InputError(f"model not found: {model} ({hint})")
+    return Pipeline.from_pretrained(model, config=args.config, prediction=args.prediction, device=args.device,
+                                    dtype=_torch_dtype(args.dtype))
+
+
+def _jobs(args) -> list[dict]:
+    """The generation jobs: one per prompt line in batch mode, else the command line's own prompt."""
+    if not args.prompts_file:
+        if not args.prompt:
+            raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
+        return [{"prompt": args.prompt}]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise InputError(f"--prompts-file {path}: no such file")
+    jobs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                job = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"--prompts-file {path}:{n}: invalid JSON ({e.msg})") from None
+            unknown = set(job) - JOB_KEYS
+            if unknown or "prompt" not in job:
+                raise InputError(f"--prompts-file {path}:{n}: needs a 'prompt'; allowed keys {sorted(JOB_KEYS)}, "
+                                 f"unknown {sorted(unknown)}")
+        else:
+            job = {"prompt": line}
+        jobs.append(job | {"line": n})
+    if not jobs:
+        raise InputError(f"--prompts-file {path}: no prompts in it")
+    return jobs
+
+
+JOB_KEYS = {"prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed", "width", "height",
+            "batch_size", "n_iter", "clip_skip", "strength"}
+
+
+def _generate(args, image=None) -> int:
+    from .images import format_parameters, save_png
+    from .loader import model_hash
+
+    jobs = _jobs(args)
+    batch_mode = args.prompts_file is not None
+    if batch_mode:  # under `accelerate launch`, each process takes its share of the prompts
+        from accelerate import PartialState
+        state = PartialState()
+        with state.split_between_processes(jobs) as mine:
+            jobs = list(mine)
+    pipe = _pipeline(args)
+    model_path = Path(args.model or DEMO_MODEL)
+    short_hash = model_hash(model_path)
+    outdir = Path(args.outdir)
+    for job in jobs:
+        opts = {k.replace("-", "_"): getattr(args, k.replace("-", "_"), None) for k in JOB_KEYS} | job
+        steps = opts["steps"] or 20
+        base_seed = opts["seed"] if opts["seed"] is not None else secrets.randbelow(2**32)
+        for it in range(opts["n_iter"]):
+            seed = base_seed + it * opts["batch_size"]
+            stems = [f"{job['line']:05d}-{it * opts['batch_size'] + i:03d}" for i in range(opts["batch_size"])] \
+                if batch_mode else None
+            if stems and all((outdir / f"{s}.png").exists() for s in stems):
+                print(f"skip (exists): {outdir / stems[0]}.png ...")
+                continue
+            common = dict(steps=steps, sampler=opts["sampler"], schedule=opts["schedule"], cfg_scale=opts["cfg_scale"],
+                          seed=seed, batch_size=opts["batch_size"], clip_skip=opts["clip_skip"], eta=args.eta,
+                          progress=not args.quiet)
+            if image is None:
+                result = pipe.txt2img(opts["prompt"], opts["negative_prompt"] or "", width=opts["width"],
+                                      height=opts["height"], **common)
+            else:
+                result = pipe.img2img(image, opts["prompt"], opts["negative_prompt"] or "", strength=opts["strength"],
+                                      **common)
+            for i, (img, img_seed) in enumerate(zip(result.images, result.seeds)):
+                params = {"Steps": steps, "Sampler": opts["sampler"], "Schedule type": opts["schedule"],
+                          "CFG scale": opts["cfg_scale"], "Seed": img_seed, "Size": f"{img.width}x{img.height}",
+                          "Model hash": short_hash, "Model": model_path.stem,
+                          "Denoising strength": opts["strength"] if image is not None else None,
+                          "Clip skip": opts["clip_skip"] if opts["clip_skip"] != 1 else None,
+                          "Eta": args.eta}
+                text = format_parameters(opts["prompt"], opts["negative_prompt"] or "",
+                                         {k: v for k, v in params.items() if v is not None})
+                path = save_png(img, outdir, stems[i] if stems else f"{img_seed}", text)
+                print(f"saved {path} (seed {img_seed})")
+            for note in result.notes:
+                print(f"note: {note}")
+    return 0
+
+
+def cmd_txt2img(args) -> int:
+    if args.from_png:
+        _apply_png(args)
+    return _generate(args)
+
+
+def _apply_png(args) -> None:
+    """Fill the flags from a PNG's parameters so the same image is generated again."""
+    from .images import parse_parameters, read_png_parameters
+    text = read_png_parameters(args.from_png)
+    if not text:
+        raise InputError(f"--from-png {args.from_png}: the PNG carries no 'parameters' text chunk")
+    prompt, negative, params = parse_parameters(text)
+    args.prompt, args.negative_prompt = prompt, negative
+    width, height = (int(v) for v in params["Size"].split("x"))
+    args.width, args.height = width, height
+    args.steps, args.sampler, args.seed = int(params["Steps"]), params["Sampler"], int(params["Seed"])
+    args.schedule = params.get("Schedule type")
+    args.cfg_scale = float(params["CFG scale"])
+    args.clip_skip = int(params.get("Clip skip", 1))
+    args.eta = float(params["Eta"]) if "Eta" in params else None
+    args.batch_size, args.n_iter = 1, 1
+
+
+def cmd_img2img(args) -> int:
+    from .images import fit_to_multiple, load_image
+    image = fit_to_multiple(load_image(args.init_image), 8)
+    return _generate(args, image)
+
+
+def cmd_info(args) -> int:
+    path = Path(args.path)
+    if path.suffix.lower() == ".png":
+        from .images import read_png_parameters
+        text = read_png_parameters(path)
+        if text is None:
+            raise InputError(f"{path}: no generation parameters in this PNG")
+        print(text)
+        return 0
+    from .loader import load_model, model_hash
+    model = load_model(path, prediction=args.prediction, device="cpu")
+    cfg = model.config
+    family = "SD 2.x (OpenCLIP)" if cfg.text.activation == "gelu" else "SD 1.x (CLIP ViT-L)"
+    print(f"model:       {path}")
+    print(f"family:      {family}, {cfg.prediction}-prediction, native {cfg.resolution}px")
+    for name, count in model.parameter_counts().items():
+        print(f"{name + ':':13}{count / 1e6:.1f}M parameters")
+    print(f"dtype:       {str(model.dtype).replace('torch.', '')}")
+    print(f"hash:        {model_hash(path)}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .loader import load_model, save_model
+    model = load_model(args.source, config=args.config, prediction=args.prediction, dtype=_torch_dtype(args.dtype))
+    print(f"wrote {save_model(model, args.target)}")
+    return 0
+
+
+def cmd_samplers(args) -> int:
+    from .sampling import sampler_table
+    from .schedules import schedule_names
+    print("samplers (name: default schedule):")
+    for name, schedule in sampler_table():
+        print(f"  {name}: {schedule}")
+    print("schedules: " + ", ".join(schedule_names()))
+    return 0
+
+
+COMMANDS = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "info": cmd_info, "convert": cmd_convert,
+            "samplers": cmd_samplers}
+
+if __name__ == "__main__":
+    sys.exit(main())

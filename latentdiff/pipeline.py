@@ -1,0 +1,198 @@
+"""The pipeline object: prompt -> text features -> sampled latents -> decoded images (txt2img, img2img)."""
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .denoisers import CFGDenoiser, DiscreteDenoiser
+from .errors import GenerationError, InputError
+from .images import pil_to_tensor, tensor_to_pil
+from .loader import load_model
+from .model import StableDiffusion
+from .sampling import resolve_sampler
+from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
+
+log = logging.getLogger("latentdiff")
+MIN_SIDE, MAX_SIDE = 64, 4096
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    seeds: list[int]
+    latents: torch.Tensor | None = None
+    notes: list[str] = field(default_factory=list)  # fallbacks taken, e.g. the fp32 VAE retry
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA -> fp16 (the fast path); anything else -> fp32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+class Pipeline:
+    def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None):
+        self.model = model
+        self.source = Path(source) if source else None
+        self.to(*default_device_dtype(device, dtype))
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, config=None, prediction: str | None = None,
+                        device=None, dtype=None) -> "Pipeline":
+        """A single-file checkpoint or a diffusers folder; `config` is a preset name (e.g. "sd2-v") or a
+        ModelConfig for single files whose architecture should not be detected."""
+        device, dtype = default_device_dtype(device, dtype)
+        model = load_model(source, config=config, prediction=prediction, dtype=dtype)
+        return cls(model, device=device, dtype=dtype, source=source)
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        self.device = torch.device(device) if device else self.model.device
+        self.dtype = dtype or self.model.dtype
+        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        return self
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """Token features for each prompt. `clip_skip` counts as A1111 does: 1 = the model's own layer,
+        2 = one layer earlier, ..."""
+        if clip_skip < 1 or clip_skip > self.config.text.layers:
+            raise InputError(f"--clip-skip must be between 1 and {self.config.text.layers}, not {clip_skip}")
+        for prompt in set(prompts):
+            dropped = self.model.tokenizer.dropped_words(prompt)
+            if dropped:
+                log.warning("prompt is longer than %d tokens; dropped: %r", self.config.text.max_length, dropped)
+        tokens = self.model.tokenizer(prompts).to(self.device)
+        return self.model.text_encoder(tokens, layer=self.config.text.output_layer - (clip_skip - 1))
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    def size_multiple(self) -> int:
+        """Image sides must divide down through the VAE and every U-Net level: 64 for SD, whose
+        8x VAE feeds a U-Net that halves the latent three times."""
+        return self.config.vae.downsample_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+
+    def check_size(self, width: int, height: int) -> None:
+        m = self.size_multiple()
+        for flag, side in (("--width", width), ("--height", height)):
+            if side % m or not MIN_SIDE <= side <= MAX_SIDE:
+                raise InputError(f"{flag} {side}: must be a multiple of {m} between {MIN_SIDE} and {MAX_SIDE}")
+
+    def _generators(self, seeds: list[int], noise_device: str) -> list[torch.Generator]:
+        """One generator per image seeded with its own seed (A1111: image i gets seed + i), so a batch
+        gives the images of separate runs. Noise is drawn on `noise_device` (CPU by default: the same seed
+        gives the same image on any device) and moved."""
+        return [torch.Generator(noise_device).manual_seed(s) for s in seeds]
+
+    def _randn(self, gens: list[torch.Generator], shape: tuple) -> torch.Tensor:
+        return torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens]).to(self.device)
+
+    def _denoiser(self, cond, uncond, cfg_scale):
+        dtype = self.dtype
+        unet = self.model.unet
+
+        def network(x, t, context):  # latents stay fp32 between steps; the network runs in the model dtype
+            return unet(x.to(dtype), t, context.to(dtype)).float()
+
+        acp = alphas_cumprod_for(self.config).to(self.device)
+        base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
+        return CFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
+
+    @torch.no_grad()
+    def txt2img(self, prompt: str, negative_prompt: str = "", *, width: int | None = None,
+                height: int | None = None, steps: int = 20, sampler: str = "euler a", schedule: str | None = None,
+                cfg_scale: float = 7.0, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
+                eta: float | None = None, callback=None, progress: bool = True, return_latents: bool = False,
+                noise_device: str = "cpu") -> Result:
+        width, height = width or self.config.resolution, height or self.config.resolution
+        self.check_size(width, height)
+        return self._generate(prompt, negative_prompt, None, 1.0, width, height, steps, sampler, schedule,
+                              cfg_scale, seed, batch_size, clip_skip, eta, callback, progress, return_latents,
+                              noise_device)
+
+    @torch.no_grad()
+    def img2img(self, image: Image.Image, prompt: str, negative_prompt: str = "", *, strength: float = 0.75,
+                steps: int = 20, sampler: str = "euler a", schedule: str | None = None, cfg_scale: float = 7.0,
+                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1, eta: float | None = None,
+                callback=None, progress: bool = True, return_latents: bool = False,
+                noise_device: str = "cpu") -> Result:
+        """SDEdit: encode the image, noise it to the strength's level, denoise the rest of the schedule."""
+        if not 0.0 < strength <= 1.0:
+            raise InputError(f"--strength must be in (0, 1], not {strength}")
+        self.check_size(image.width, image.height)
+        return self._generate(prompt, negative_prompt, image, strength, image.width, image.height, steps,
+                              sampler, schedule, cfg_scale, seed, batch_size, clip_skip, eta, callback,
+                              progress, return_latents, noise_device)
+
+    def _generate(self, prompt, negative_prompt, image, strength, width, height, steps, sampler, schedule,
+                  cfg_scale, seed, batch_size, clip_skip, eta, callback, progress, return_latents, noise_device):
+        if steps < 1:
+            raise InputError(f"--steps must be at least 1, not {steps}")
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {batch_size}")
+        sample_fn, default_schedule = resolve_sampler(sampler)
+        seed = secrets.randbelow(2**32) if seed is None else seed
+        seeds = [seed + i for i in range(batch_size)]
+        cond = self.encode_prompt([prompt] * batch_size, clip_skip)
+        uncond = self.encode_prompt([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
+        denoiser, extra_args, acp = self._denoiser(cond, uncond, cfg_scale)
+        sigmas = make_sigmas(schedule or default_schedule, steps, acp.cpu()).to(self.device)
+
+        f = self.config.vae.downsample_factor
+        shape = (self.config.unet.in_channels, height // f, width // f)
+        gens = self._generators(seeds, noise_device)
+        if image is None:
+            x = self._randn(gens, shape) * sigmas[0]
+        else:  # draw order as diffusers' img2img: posterior sample, then the added noise
+            sigmas = img2img_sigmas(sigmas, strength)
+            latents = self.encode_image(image, gens)
+            x = latents + self._randn(gens, shape) * sigmas[0]
+
+        bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
+
+        def on_step(info):
+            bar.update(1)
+            if callback is not None:
+                callback(info)
+
+        options = {} if eta is None else {"eta": eta}
+        x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
+                      noise_sampler=lambda sigma, sigma_next: self._randn(gens, shape), **options)
+        bar.close()
+        images, notes = self.decode(x)
+        return Result(images=images, seeds=seeds, latents=x if return_latents else None, notes=notes)
+
+    # -- autoencoder --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, gens: list[torch.Generator]) -> torch.Tensor:
+        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them)."""
+        posterior = self.model.vae.encode(pil_to_tensor(image).to(self.device, self.dtype))
+        return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[str]]:
+        """Latents -> images. A non-finite decode (fp16 overflow) is retried in fp32; still non-finite is
+        an error, never a silent black image."""
+        z = latents / self.config.latent_scale
+        out = self.model.vae.decode(z.to(self.dtype)).float()
+        notes = []
+        if not torch.isfinite(out).all() and self.dtype != torch.float32:
+            notes.append(f"VAE decode in {self.dtype} gave NaN/Inf; retried in float32")
+            log.warning(notes[-1])
+            vae32 = self.model.vae.float()
+            out = vae32.decode(z.float()).float()
+            vae32.to(self.dtype)
+        if not torch.isfinite(out).all():
+            raise GenerationError("the decoded image contains NaN/Inf even in float32: the latents are not "
+                                  "finite (try another sampler, fewer steps or a lower --cfg-scale)")
+        return tensor_to_pil(out), notes
