@@ -1,0 +1,81 @@
+"""Networks as denoisers: D(x, sigma) -> the predicted clean x0, the one interface every sampler uses.
+
+A U-Net trained as a DDPM takes the variance-preserving input sqrt(a) (x0 + sigma eps) at an integer
+timestep and predicts eps (SD 1.x, SD 2.x-base) or v = sqrt(a) eps - sqrt(1 - a) x0 (SD 2.x-v). The
+wrapper scales the sampler's x by c_in = 1 / sqrt(sigma^2 + 1) = sqrt(a), finds the timestep of sigma by
+interpolating in log sigma (fractional between training steps), and turns the prediction into x0.
+"""
+
+import torch
+
+from .errors import InputError
+from .schedules import sigma_to_t, training_sigmas
+
+
+def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
+    """sigma as a (batch,) tensor on x's device: samplers pass one sigma for the whole batch."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    sigma = sigma if sigma.is_floating_point() else sigma.float()
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+
+
+class DiscreteDenoiser:
+    """D(x, sigma, context=None) around `model(x, t, context) -> eps or v` trained on discrete timesteps.
+
+    prediction: "eps" or "v". quantize: feed the nearest integer timestep instead of the fractional one
+    (diffusers' DPMSolverMultistep / UniPC do this with karras sigmas). Holds no state between calls.
+    """
+
+    def __init__(self, model, alphas_cumprod: torch.Tensor, *, prediction: str = "eps", quantize: bool = False):
+        if prediction not in ("eps", "v"):
+            raise InputError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+        self.model = model
+        self.prediction = prediction
+        self.quantize = quantize
+        self.sigmas = training_sigmas(alphas_cumprod.float())  # on alphas_cumprod's device
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma_to_t(sigma.to(self.log_sigmas.device), self.log_sigmas, self.quantize)
+
+    def __call__(self, x: torch.Tensor, sigma, context=None) -> torch.Tensor:
+        sigma = _per_sample(sigma, x)
+        t = self.sigma_to_t(sigma).to(x.device)
+        s = sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        out = self.model(x / (s**2 + 1) ** 0.5, t, context)
+        if self.prediction == "eps":
+            return x - s * out
+        # v: x0 = sqrt(a) * x_vp - sqrt(1 - a) * v, written in sigma space
+        return x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
+
+
+class CFGDenoiser:
+    """Classifier-free guidance around a denoiser: D_uncond + cfg_scale * (D_cond - D_uncond).
+
+    Conditional and unconditional halves run as one batched call (uncond first, as diffusers orders them);
+    cfg_scale 1.0 or uncond None skips the unconditional half. Guidance on x0 equals guidance on eps or v
+    for the same x and sigma, since x0 is affine in the prediction.
+    """
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x: torch.Tensor, sigma, *, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+                 cfg_scale: float = 1.0) -> torch.Tensor:
+        if cfg_scale == 1.0 or uncond is None:
+            return self.denoiser(x, sigma, context=cond)
+        if uncond.shape != cond.shape:
+            raise InputError(f"classifier-free guidance: uncond shape {tuple(uncond.shape)} differs from cond "
+                             f"shape {tuple(cond.shape)}; encode the negative prompt for every image of the batch")
+        sigma = _per_sample(sigma, x)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=torch.cat([uncond, cond]))
+        d_uncond, d_cond = both.chunk(2)
+        return d_uncond + (d_cond - d_uncond) * cfg_scale
