@@ -89,14 +89,14 @@ def _torch_dtype(name):
     return getattr(torch, DTYPES[name]) if name else None
 
 
-def _pipeline(args):
+def _pipeline(args, device=None):
     from .pipeline import Pipeline
     model = args.model or DEMO_MODEL
     if not Path(model).exists():
         hint = "pass --model PATH" if args.model else "the bundled demo model is missing: pass --model PATH"
         raise InputError(f"model not found: {model} ({hint})")
-    return Pipeline.from_pretrained(model, config=args.config, prediction=args.prediction, device=args.device,
-                                    dtype=_torch_dtype(args.dtype))
+    return Pipeline.from_pretrained(model, config=args.config, prediction=args.prediction,
+                                    device=args.device or device, dtype=_torch_dtype(args.dtype))
 
 
 def _jobs(args) -> list[dict]:
@@ -118,10 +118,15 @@ def _jobs(args) -> list[dict]:
                 job = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"--prompts-file {path}:{n}: invalid JSON ({e.msg})") from None
-            unknown = set(job) - JOB_KEYS
+            unknown = set(job) - set(JOB_KEYS)
             if unknown or "prompt" not in job:
                 raise InputError(f"--prompts-file {path}:{n}: needs a 'prompt'; allowed keys {sorted(JOB_KEYS)}, "
                                  f"unknown {sorted(unknown)}")
+            for key, value in job.items():
+                expected = (int, float) if JOB_KEYS[key] is float else JOB_KEYS[key]
+                if not isinstance(value, expected) or isinstance(value, bool):
+                    raise InputError(f"--prompts-file {path}:{n}: {key!r} must be {TYPE_NAMES[JOB_KEYS[key]]}, "
+                                     f"not {json.dumps(value)}")
         else:
             job = {"prompt": line}
         jobs.append(job | {"line": n})
@@ -130,35 +135,55 @@ def _jobs(args) -> list[dict]:
     return jobs
 
 
-JOB_KEYS = {"prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed", "width", "height",
-            "batch_size", "n_iter", "clip_skip", "strength"}
+# the per-line options of a JSON prompts file, with the type each value must have
+JOB_KEYS = {"prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "schedule": str, "cfg_scale": float,
+            "seed": int, "width": int, "height": int, "batch_size": int, "n_iter": int, "clip_skip": int,
+            "strength": float}
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 
 
 def _generate(args, image=None) -> int:
-    from .images import format_parameters, save_png
+    from .images import fit_to_multiple, format_parameters, save_png
     from .loader import model_hash
 
     jobs = _jobs(args)
     batch_mode = args.prompts_file is not None
-    if batch_mode:  # under `accelerate launch`, each process takes its share of the prompts
+    device, tag = None, ""
+    if batch_mode:  # under `accelerate launch`, each process takes its share of the prompts (and its own GPU)
+        import torch
         from accelerate import PartialState
-        state = PartialState()
+        from accelerate.utils import parse_flag_from_env
+        # PartialState splits work across CPU processes (gloo) only when told cpu=True; it does not read
+        # ACCELERATE_USE_CPU itself, and without a GPU the processes would each run every prompt.
+        cpu = (args.device or "").startswith("cpu") or parse_flag_from_env("ACCELERATE_USE_CPU") \
+            or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
+        if state.num_processes > 1:
+            device, tag = state.device, f"[process {state.process_index + 1}/{state.num_processes}] "
         with state.split_between_processes(jobs) as mine:
             jobs = list(mine)
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, device)
+    if image is not None and min(image.size) >= pipe.size_multiple():  # smaller ones fail the size check
+        fitted = fit_to_multiple(image, pipe.size_multiple())
+        if fitted.size != image.size:
+            print(f"note: --init-image cropped from {image.width}x{image.height} to {fitted.width}x{fitted.height} "
+                  f"(sides must be multiples of {pipe.size_multiple()})")
+        image = fitted
     model_path = Path(args.model or DEMO_MODEL)
     short_hash = model_hash(model_path)
     outdir = Path(args.outdir)
     for job in jobs:
         opts = {k.replace("-", "_"): getattr(args, k.replace("-", "_"), None) for k in JOB_KEYS} | job
-        steps = opts["steps"] or 20
+        steps = 20 if opts["steps"] is None else opts["steps"]
+        if opts["n_iter"] < 1:
+            raise InputError(f"--n-iter must be at least 1, not {opts['n_iter']}")
         base_seed = opts["seed"] if opts["seed"] is not None else secrets.randbelow(2**32)
         for it in range(opts["n_iter"]):
             seed = base_seed + it * opts["batch_size"]
             stems = [f"{job['line']:05d}-{it * opts['batch_size'] + i:03d}" for i in range(opts["batch_size"])] \
                 if batch_mode else None
             if stems and all((outdir / f"{s}.png").exists() for s in stems):
-                print(f"skip (exists): {outdir / stems[0]}.png ...")
+                print(f"{tag}skip (exists): {outdir / stems[0]}.png ...")
                 continue
             common = dict(steps=steps, sampler=opts["sampler"], schedule=opts["schedule"], cfg_scale=opts["cfg_scale"],
                           seed=seed, batch_size=opts["batch_size"], clip_skip=opts["clip_skip"], eta=args.eta,
@@ -179,7 +204,7 @@ def _generate(args, image=None) -> int:
                 text = format_parameters(opts["prompt"], opts["negative_prompt"] or "",
                                          {k: v for k, v in params.items() if v is not None})
                 path = save_png(img, outdir, stems[i] if stems else f"{img_seed}", text)
-                print(f"saved {path} (seed {img_seed})")
+                print(f"{tag}saved {path} (seed {img_seed})")
             for note in result.notes:
                 print(f"note: {note}")
     return 0
@@ -210,9 +235,8 @@ def _apply_png(args) -> None:
 
 
 def cmd_img2img(args) -> int:
-    from .images import fit_to_multiple, load_image
-    image = fit_to_multiple(load_image(args.init_image), 8)
-    return _generate(args, image)
+    from .images import load_image
+    return _generate(args, load_image(args.init_image))  # cropped to the model's size multiple once loaded
 
 
 def cmd_info(args) -> int:

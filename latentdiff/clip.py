@@ -62,8 +62,8 @@ class Tokenizer:
         from transformers import CLIPTokenizer
 
         pad_token = self.bpe.convert_ids_to_tokens(self.pad_id)
-        CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True, pad_token=pad_token).save_pretrained(
-            str(folder))
+        CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True, pad_token=pad_token,
+                                      model_max_length=self.max_length).save_pretrained(str(folder))
         for name in ("vocab.json", "merges.txt"):  # what older transformers versions read
             if (self.folder / name).is_file():
                 shutil.copyfile(self.folder / name, Path(folder) / name)

@@ -1,5 +1,6 @@
 """The pipeline object: prompt -> text features -> sampled latents -> decoded images (txt2img, img2img)."""
 
+import inspect
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -81,9 +82,9 @@ class Pipeline:
         8x VAE feeds a U-Net that halves the latent three times."""
         return self.config.vae.downsample_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
 
-    def check_size(self, width: int, height: int) -> None:
+    def check_size(self, width: int, height: int, names: tuple[str, str] = ("--width", "--height")) -> None:
         m = self.size_multiple()
-        for flag, side in (("--width", width), ("--height", height)):
+        for flag, side in zip(names, (width, height)):
             if side % m or not MIN_SIDE <= side <= MAX_SIDE:
                 raise InputError(f"{flag} {side}: must be a multiple of {m} between {MIN_SIDE} and {MAX_SIDE}")
 
@@ -128,7 +129,7 @@ class Pipeline:
         """SDEdit: encode the image, noise it to the strength's level, denoise the rest of the schedule."""
         if not 0.0 < strength <= 1.0:
             raise InputError(f"--strength must be in (0, 1], not {strength}")
-        self.check_size(image.width, image.height)
+        self.check_size(image.width, image.height, ("--init-image width", "--init-image height"))
         return self._generate(prompt, negative_prompt, image, strength, image.width, image.height, steps,
                               sampler, schedule, cfg_scale, seed, batch_size, clip_skip, eta, callback,
                               progress, return_latents, noise_device)
@@ -140,6 +141,9 @@ class Pipeline:
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, not {batch_size}")
         sample_fn, default_schedule = resolve_sampler(sampler)
+        if eta is not None and "eta" not in inspect.signature(sample_fn).parameters:
+            raise InputError(f"--eta: sampler {sampler!r} takes no eta; leave --eta out, or pick a "
+                             f"sampler with a noise amount (DDIM, the ancestral and the SDE samplers)")
         seed = secrets.randbelow(2**32) if seed is None else seed
         seeds = [seed + i for i in range(batch_size)]
         cond = self.encode_prompt([prompt] * batch_size, clip_skip)
