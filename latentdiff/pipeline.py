@@ -16,6 +16,7 @@ from .images import pil_to_tensor, tensor_to_pil
 from .loader import load_model
 from .model import StableDiffusion
 from .sampling import resolve_sampler
+from .sampling_stochastic import brownian_noise_sampler, sample_dpmpp_sde
 from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
 
 log = logging.getLogger("latentdiff")
@@ -149,7 +150,8 @@ class Pipeline:
         cond = self.encode_prompt([prompt] * batch_size, clip_skip)
         uncond = self.encode_prompt([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
         denoiser, extra_args, acp = self._denoiser(cond, uncond, cfg_scale)
-        sigmas = make_sigmas(schedule or default_schedule, steps, acp.cpu()).to(self.device)
+        # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
+        sigmas = make_sigmas(schedule or default_schedule, steps, acp.cpu())
 
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.in_channels, height // f, width // f)
@@ -169,8 +171,10 @@ class Pipeline:
                 callback(info)
 
         options = {} if eta is None else {"eta": eta}
-        x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
-                      noise_sampler=lambda sigma, sigma_next: self._randn(gens, shape), **options)
+        noise = lambda sigma, sigma_next: self._randn(gens, shape)  # noqa: E731
+        if sample_fn is sample_dpmpp_sde:  # its two draws per step must correlate like a Brownian path
+            noise = brownian_noise_sampler(x, draw=noise)
+        x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
         images, notes = self.decode(x)
         return Result(images=images, seeds=seeds, latents=x if return_latents else None, notes=notes)

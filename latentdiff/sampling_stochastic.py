@@ -40,7 +40,7 @@ def default_noise_sampler(x, generator=None):
     return sample_noise
 
 
-def brownian_noise_sampler(x, generator=None):
+def brownian_noise_sampler(x, generator=None, draw=None):
     """Return `f(sigma, sigma_next) -> noise` that behaves like the normalised increment
     (W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|) of one Brownian path W over sigma: the noise
     k-diffusion's Brownian tree gives sample_dpmpp_sde, without torchsde.
@@ -50,8 +50,9 @@ def brownian_noise_sampler(x, generator=None):
     sigma -> sigma_next) have the path's correlation sqrt((sigma - s) / (sigma - sigma_next)). Any other call
     draws a fresh increment, which is exact for the disjoint intervals of successive steps. Draws come
     from `default_noise_sampler(x, generator)`, one per call; unlike a tree, the path depends on the
-    sequence of calls, not on the seed alone."""
-    draw = default_noise_sampler(x, generator)
+    sequence of calls, not on the seed alone. `draw` replaces that source of independent draws (the
+    pipeline's per-image generators)."""
+    draw = draw or default_noise_sampler(x, generator)
     previous = None  # (start, end, unnormalised increment) of the last call
 
     def sample_noise(sigma, sigma_next):
