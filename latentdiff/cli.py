@@ -7,6 +7,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import InputError, LatentDiffError
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "weights" / "demo" / "model.safetensors"
@@ -200,7 +201,7 @@ def _generate(args, image=None) -> int:
                           "Model hash": short_hash, "Model": model_path.stem,
                           "Denoising strength": opts["strength"] if image is not None else None,
                           "Clip skip": opts["clip_skip"] if opts["clip_skip"] != 1 else None,
-                          "Eta": args.eta}
+                          "Eta": args.eta, "Version": f"latentdiff {__version__}"}
                 text = format_parameters(opts["prompt"], opts["negative_prompt"] or "",
                                          {k: v for k, v in params.items() if v is not None})
                 path = save_png(img, outdir, stems[i] if stems else f"{img_seed}", text)

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny import SD1, tiny_model
 
+import latentdiff
 from latentdiff.cli import main
 from latentdiff.images import parse_parameters, read_png_parameters
 from latentdiff.loader import save_model
@@ -121,6 +122,7 @@ def test_txt2img_writes_the_pipeline_image_with_a1111_parameters(first_image, mo
     assert params["Steps"] == "2" and params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "5"
     assert params["Seed"] == "7" and params["Size"] == "64x64" and params["Model"] == "tiny"
     assert params["Model hash"] == sha256(model_file)[:10]  # A1111's short hash of the file
+    assert params["Version"] == f"latentdiff {latentdiff.__version__}"
     pipe = Pipeline.from_pretrained(model_file, device="cpu", dtype=torch.float32)
     expected = pipe.txt2img("a red circle", "blurry", steps=2, sampler="DPM++ 2M Karras", cfg_scale=5, seed=7,
                             progress=False)
