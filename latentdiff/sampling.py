@@ -22,28 +22,18 @@ from .errors import InputError
 from .schedules import schedule_names
 
 
-def _setup(x, sigmas, extra_args):
-    if not torch.is_tensor(sigmas) or sigmas.ndim != 1 or len(sigmas) < 2:
-        raise InputError("sigmas: expected a 1-D tensor of at least 2 noise levels (high to low); "
-                         "build one with schedules.make_sigmas")
-    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()) or not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise InputError(f"sigmas must be finite, >= 0 and strictly decreasing (high noise first), got "
-                         f"{sigmas.tolist()}")
-    return sigmas.to(x.device), extra_args or {}
-
-
-def _report(callback, i, sigma, sigma_next, x, denoised):
-    if callback is not None:
-        callback(dict(i=i, sigma=sigma, sigma_next=sigma_next, x=x, denoised=denoised))
+def _setup(sigmas, extra_args):
+    stochastic.check_sigmas(sigmas)
+    return sigmas, extra_args or {}
 
 
 def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, noise_sampler=None):
     """Euler on dx/dsigma = (x - D) / sigma (Karras et al. 2022; diffusers' EulerDiscreteScheduler)."""
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
     return x
 
@@ -53,7 +43,7 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     """DDIM (Song et al. 2020; diffusers' DDIMScheduler). x_next = x0 + sigma_down * eps + sigma_up * noise:
     eta 0 is deterministic; eta 1 takes the DDPM posterior's noise. In sigma space DDIM's noise std is
     exactly the ancestral sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2)."""
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     if not eta >= 0:
         raise InputError(f"eta must be >= 0, not {eta!r}")
     if eta > 0 and noise_sampler is None:
@@ -61,7 +51,7 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         eps = (x - denoised) / sigma
         sigma_up = torch.minimum(sigma_next, eta * sigma_next * (1 - (sigma_next / sigma) ** 2).sqrt())
         x = denoised + eps * (sigma_next**2 - sigma_up**2).sqrt()
@@ -80,12 +70,12 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     skip_prk_steps=True, and ldm's PLMS). Each step moves by the DDIM step with eps replaced by an
     Adams-Bashforth combination of up to four past eps. The first of several steps is an improved Euler
     step (one extra model call) whose corrected point's eps starts the history."""
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     history = []  # eps of the latest steps, newest last
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         eps = (x - denoised) / sigma
         if not history and len(sigmas) > 2:
             x_pred = x + eps * (sigma_next - sigma)
@@ -102,11 +92,11 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
 def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, noise_sampler=None):
     """Heun's method, 2 model calls per step, Euler for the last step onto 0 (Karras et al. 2022, Alg. 1;
     diffusers' HeunDiscreteScheduler)."""
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         slope = (x - denoised) / sigma
         x_euler = x + slope * (sigma_next - sigma)
         if sigma_next == 0:
@@ -121,11 +111,11 @@ def sample_dpm2(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     """DPM-Solver-2 as in k-diffusion (diffusers' KDPM2DiscreteScheduler): an Euler half step to the
     geometric midpoint of sigma and sigma_next, then the full step with the midpoint's slope. Euler for
     the last step onto 0."""
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         slope = (x - denoised) / sigma
         if sigma_next == 0:
             x = x + slope * (sigma_next - sigma)
@@ -152,7 +142,7 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, callback=None, generator
                order=4):
     """Linear multistep in sigma (k-diffusion's LMS; diffusers' LMSDiscreteScheduler): the slopes of the
     last `order` steps integrated exactly through their interpolating polynomial."""
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     if order not in (1, 2, 3, 4):
         raise InputError(f"LMS order must be 1 to 4, not {order!r}")
     sigma_list = sigmas.tolist()
@@ -160,7 +150,7 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, callback=None, generator
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         slopes = [*slopes, (x - denoised) / sigma][-order:]
         used = len(slopes)
         x = x + sum(_lms_coefficient(sigma_list, i, j, used) * d for j, d in enumerate(reversed(slopes)))
@@ -172,12 +162,12 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, gene
     midpoint). With h = log(sigma / sigma_next): x_next = (sigma_next / sigma) x - expm1(-h) D', where D'
     extrapolates the denoised estimates of this and the previous step. First order on the first step and
     on the step onto 0."""
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     previous = None  # (denoised, h) of the previous step
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         if sigma_next == 0:
             x = denoised
             continue
@@ -199,7 +189,7 @@ def sample_unipc(denoiser, x, sigmas, *, extra_args=None, callback=None, generat
     (UniC, free: no extra call), then predict the next x from the corrected one (UniP). In sigma space,
     h = log(sigma / sigma_next) and a first-order step is x_next = (sigma_next / sigma) x - expm1(-h) D.
     """
-    sigmas, extra_args = _setup(x, sigmas, extra_args)
+    sigmas, extra_args = _setup(sigmas, extra_args)
     steps = len(sigmas) - 1
     lam = -sigmas.log()  # log-SNR lambda in sigma space; inf at sigma = 0
     denoised_hist = []  # denoised of the previous two steps, newest last
@@ -207,7 +197,7 @@ def sample_unipc(denoiser, x, sigmas, *, extra_args=None, callback=None, generat
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        stochastic.report_step(callback, i, sigma, sigma_next, x, denoised)
         if last_x is not None:  # UniC: corrects the step sigmas[i-1] -> sigma using this denoised
             h = lam[i] - lam[i - 1]
             b_h = torch.expm1(-h)

@@ -75,8 +75,9 @@ def brownian_noise_sampler(x, generator=None, draw=None):
     return sample_noise
 
 
-def _prepare(x, sigmas, extra_args, generator, noise_sampler, **nonnegative):
-    """Check the arguments every sampler shares; return (extra_args, noise_sampler)."""
+def check_sigmas(sigmas) -> None:
+    """Every sampler's schedule check. Sigmas are left where they are: kept on the host, the per-step
+    branches on them (sigma_next == 0, ...) never wait for a GPU."""
     if not torch.is_tensor(sigmas) or sigmas.ndim != 1 or len(sigmas) < 2:
         shape = tuple(sigmas.shape) if torch.is_tensor(sigmas) else type(sigmas).__name__
         raise InputError(
@@ -90,6 +91,11 @@ def _prepare(x, sigmas, extra_args, generator, noise_sampler, **nonnegative):
             f"sigmas: noise levels must strictly decrease (high noise first), got {sigmas.tolist()}; "
             "reverse the schedule or remove repeated values"
         )
+
+
+def _prepare(x, sigmas, extra_args, generator, noise_sampler, **nonnegative):
+    """Check the arguments every stochastic sampler shares; return (extra_args, noise_sampler)."""
+    check_sigmas(sigmas)
     for name, value in nonnegative.items():
         if not value >= 0:
             raise InputError(f"{name}: must be >= 0, got {value!r}")
@@ -98,7 +104,7 @@ def _prepare(x, sigmas, extra_args, generator, noise_sampler, **nonnegative):
     return extra_args or {}, noise_sampler
 
 
-def _report(callback, i, sigma, sigma_next, x, denoised):
+def report_step(callback, i, sigma, sigma_next, x, denoised):
     if callback is not None:
         callback(dict(i=i, sigma=sigma, sigma_next=sigma_next, x=x, denoised=denoised))
 
@@ -132,7 +138,7 @@ def sample_euler_a(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        report_step(callback, i, sigma, sigma_next, x, denoised)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         x = _toward(x, denoised, sigma, sigma_down)
         if sigma_up > 0:
@@ -164,7 +170,7 @@ def sample_dpm2_a(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        report_step(callback, i, sigma, sigma_next, x, denoised)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
             x = denoised
@@ -193,7 +199,7 @@ def sample_dpmpp_2s_a(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        report_step(callback, i, sigma, sigma_next, x, denoised)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
             x = denoised
@@ -243,7 +249,7 @@ def sample_dpmpp_sde(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        report_step(callback, i, sigma, sigma_next, x, denoised)
         if sigma_next == 0:
             x = denoised
             continue
@@ -289,7 +295,7 @@ def sample_dpmpp_2m_sde(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        report_step(callback, i, sigma, sigma_next, x, denoised)
         if sigma_next == 0:
             x = denoised
             continue
@@ -320,7 +326,7 @@ def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, **extra_args)
-        _report(callback, i, sigma, sigma_next, x, denoised)
+        report_step(callback, i, sigma, sigma_next, x, denoised)
         x = denoised
         if sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * sigma_next
