@@ -1,0 +1,61 @@
+"""`python -m latentdiff.train --out DIR [--resume] [--preset demo] [--set unet.steps=3000 ...]`
+
+Runs on one CPU or GPU as is, and data-parallel under
+`accelerate launch --multi_gpu --num_processes N -m latentdiff.train ...` (on a machine without GPUs this
+starts N CPU processes: accelerate's plain `--cpu` launcher starts only one without MPI).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from ..config import config_from_dict, preset
+from ..errors import InputError, LatentDiffError
+from .recipe import Recipe, train, with_overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m latentdiff.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="output folder (model, samples, logs, checkpoints)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished stages")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", default="demo", help="model architecture preset (latentdiff/configs/NAME.json)")
+    model.add_argument("--config", type=Path, help="model architecture as a JSON file with ModelConfig keys")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="recipe overrides, e.g. unet.steps=3000 vae.batch_size=16 seed=1 (see recipe.Recipe)")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
+                        help="autocast dtype (default: fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.config is not None:
+            if not args.config.is_file():
+                raise InputError(f"--config {args.config}: no such file; pass a JSON file of ModelConfig keys or use --preset")
+            config = config_from_dict(json.loads(args.config.read_text()), where=str(args.config))
+        else:
+            config = preset(args.preset)
+        recipe = with_overrides(Recipe(), args.overrides)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        path = train(args.out, config, recipe, resume=args.resume, mixed_precision=args.mixed_precision,
+                     cpu=args.cpu, progress=not args.no_progress)
+    except LatentDiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:  # under `accelerate launch`, one line, not one per process
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Stage 3: the U-Net, trained to predict the noise added to scaled latents (SD's eps objective).
+
+A step takes training images' latents (one posterior sample of the frozen autoencoder, times the latent
+scale), draws a timestep uniformly from the 1000 training steps of the model's beta schedule, noises the
+latents to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and regresses eps with MSE, conditioned on the
+frozen text encoder's token features. A tenth of the captions (`caption_dropout`) are replaced by "" so
+the same network also learns the unconditional prediction that classifier-free guidance subtracts.
+"""
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..clip import TextEncoder, Tokenizer
+from ..config import ModelConfig
+from ..errors import InputError
+from ..schedules import alphas_cumprod_for
+from ..unet import ResBlock, SpatialTransformer, UNet
+from ..vae import AutoencoderKL
+from .ema import EMA
+from .loop import Stage, StageRecipe, draw_images
+
+
+def zero_init_residuals(unet: UNet) -> None:
+    """Zero the last layer of every residual branch and of the output, as ldm does: each block starts as
+    the identity and the first prediction is 0, so early training is not swamped by random residuals."""
+    for module in unet.modules():
+        if isinstance(module, ResBlock):
+            nn.init.zeros_(module.out_layers[-1].weight)
+            nn.init.zeros_(module.out_layers[-1].bias)
+        elif isinstance(module, SpatialTransformer):
+            nn.init.zeros_(module.proj_out.weight)
+            nn.init.zeros_(module.proj_out.bias)
+    nn.init.zeros_(unet.out[-1].weight)
+    nn.init.zeros_(unet.out[-1].bias)
+
+
+class DiffusionLoss(nn.Module):
+    def __init__(self, unet: UNet, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        # Not persistent: it is the config's schedule, not a trained weight.
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        t, noise = batch["timesteps"], batch["noise"]
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * batch["latents"] + (1 - abar).sqrt() * noise
+        loss = F.mse_loss(self.unet(noisy, t, batch["context"]).float(), noise)
+        return loss, {}
+
+
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer, config: ModelConfig, *,
+                seed: int, size: int, accelerator, chunk: int = 64) -> dict[str, torch.Tensor]:
+    """Posterior mean and std, and caption features, of training images 0 .. size - 1.
+
+    Each process encodes an equal share and all of them receive the whole pool. Caption features are
+    kept in fp16 (a pool of 8192 x 77 x 128 takes 160 MB).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if size % world:
+        raise InputError(f"latent_pool={size} does not split over {world} processes; use a multiple of {world}")
+    share = size // world
+    parts: dict[str, list] = {"mean": [], "std": [], "context": []}
+    for start in tqdm(range(rank * share, (rank + 1) * share, chunk), desc="encoding", unit="chunk",
+                      disable=not accelerator.is_main_process or None):
+        images, captions, _ = draw_images(seed, start, min(chunk, (rank + 1) * share - start), config.resolution)
+        with accelerator.autocast():
+            posterior = vae.encode(images.to(accelerator.device))
+            context = text_encoder(tokenizer(captions).to(accelerator.device))
+        parts["mean"].append(posterior.mean.float())
+        parts["std"].append(posterior.std.float())
+        parts["context"].append(context.to(torch.float16))
+    return {name: accelerator.gather(torch.cat(tensors)) for name, tensors in parts.items()}
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
+    """The pool indices in the order epoch `epoch` visits them: a fresh permutation per epoch."""
+    entropy = np.random.SeedSequence([seed, epoch]).generate_state(1)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(int(entropy[0])))
+
+
+def diffusion_stage(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer,
+                    config: ModelConfig, recipe: StageRecipe, *, seed: int, caption_dropout: float,
+                    ema_decay: float, pool_size: int, accelerator) -> Stage:
+    """The frozen `vae` and `text_encoder` encode a pool of `pool_size` training images once (encoding costs
+    more than a U-Net step at this size); steps then draw from it epoch after epoch, each with its own
+    posterior sample, noise, timestep and caption dropout."""
+    vae.to(accelerator.device).eval().requires_grad_(False)
+    text_encoder.to(accelerator.device).eval().requires_grad_(False)
+    pool = encode_pool(vae, text_encoder, tokenizer, config, seed=seed, size=pool_size, accelerator=accelerator)
+    with torch.no_grad(), accelerator.autocast():
+        empty = text_encoder(tokenizer([""]).to(accelerator.device)).to(torch.float16)
+    orders = functools.lru_cache(maxsize=2)(lambda epoch: epoch_order(seed, epoch, pool_size))
+
+    def make_batch(step: int, first: int, count: int, generator: torch.Generator) -> dict:
+        samples = range(first, first + count)  # positions in the endless stream of epochs over the pool
+        index = torch.stack([orders(i // pool_size)[i % pool_size] for i in samples]).to(accelerator.device)
+        dropped = (torch.rand(count, generator=generator) < caption_dropout).to(accelerator.device)
+        posterior_noise = torch.randn(pool["mean"][index].shape, generator=generator).to(accelerator.device)
+        noise = torch.randn(posterior_noise.shape, generator=generator)
+        timesteps = torch.randint(0, config.num_train_timesteps, (count,), generator=generator)
+        latents = (pool["mean"][index] + pool["std"][index] * posterior_noise) * config.latent_scale
+        context = torch.where(dropped[:, None, None], empty, pool["context"][index]).float()
+        return {"latents": latents, "context": context, "noise": noise, "timesteps": timesteps}
+
+    module = DiffusionLoss(unet, alphas_cumprod_for(config)).to(accelerator.device)  # the EMA lives beside it
+    return Stage("unet", module, make_batch, recipe, ema=EMA(module, ema_decay))
