@@ -54,14 +54,14 @@ def logged_losses(out, stage: str) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "logs" / f"{stage}.jsonl").read_text().splitlines()]
 
 
-def tiny_diffusion_stage(tokenizer, accelerator, recipe: StageRecipe, unet_seed: int = 0):
+def tiny_diffusion_stage(tokenizer, accelerator, recipe: StageRecipe, unet_seed: int = 0, offset_noise: float = 0.1):
     torch.manual_seed(0)  # the frozen parts are the same in every call, as trained stages would be
     vae, text = AutoencoderKL(TINY.vae), TextEncoder(TINY.text)
     torch.manual_seed(unet_seed)
     unet = UNet(TINY.unet)
     zero_init_residuals(unet)
     return diffusion_stage(unet, vae, text, tokenizer, TINY, recipe, seed=0, caption_dropout=0.1, ema_decay=0.99,
-                           pool_size=64, accelerator=accelerator)
+                           pool_size=64, accelerator=accelerator, offset_noise=offset_noise)
 
 
 # -- each stage learns ---------------------------------------------------------------------------------
@@ -213,6 +213,20 @@ def test_caption_dropout_rate(tokenizer, accelerator):
     # 6400 draws: binomial standard deviation sqrt(0.1 * 0.9 / 6400) = 0.0037, so +-0.015 is 4 of them.
     assert abs(dropped.float().mean().item() - 0.1) < 0.015
     assert not (contexts[~dropped] == empty).all(dim=2).all(dim=1).any()  # the rest keep their captions
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_offset_noise_adds_a_constant_per_image_and_channel(tokenizer, accelerator, offset):
+    stage = tiny_diffusion_stage(tokenizer, accelerator, StageRecipe(steps=1, batch_size=32, lr=1e-3),
+                                 offset_noise=offset)
+    noise = torch.cat([stage.make_batch(step, 32 * step, 32, torch.Generator().manual_seed(step))["noise"]
+                       for step in range(100)])
+    h, w = noise.shape[2:]
+    # The spatial mean of i.i.d. N(0, 1) noise has variance 1 / (h w); the offset adds offset^2 to it.
+    # 12800 (image, channel) means: the variance estimate's relative std is sqrt(2 / 12800) = 1.3%.
+    expected = offset**2 + 1 / (h * w)
+    assert noise.mean(dim=(2, 3)).var().item() == pytest.approx(expected, rel=0.06)
+    assert noise.var().item() == pytest.approx(1 + offset**2, rel=0.03)
 
 
 def test_recipe_overrides_and_their_errors():

@@ -5,6 +5,14 @@ scale), draws a timestep uniformly from the 1000 training steps of the model's b
 latents to x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and regresses eps with MSE, conditioned on the
 frozen text encoder's token features. A tenth of the captions (`caption_dropout`) are replaced by "" so
 the same network also learns the unconditional prediction that classifier-free guidance subtracts.
+
+Offset noise (`offset_noise`, Guttenberg 2023): the noise gets an extra random constant per image and
+channel. Without it the spatial mean of x_t leaks the picture's mean colour even at t = 999 (signal
+0.07 x the latent mean against noise whose mean has std 1/16 on a 16x16 latent), so the network learns to
+copy the background colour from the noise instead of reading it from the caption, and at sampling time
+the seed's noise picked it: measured on the first demo model, the background followed the prompt in 20%
+of images and the same seed gave the same background for every prompt. The standard schedule, eps
+objective and samplers are unchanged.
 """
 
 import functools
@@ -87,7 +95,7 @@ def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
 
 def diffusion_stage(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer,
                     config: ModelConfig, recipe: StageRecipe, *, seed: int, caption_dropout: float,
-                    ema_decay: float, pool_size: int, accelerator) -> Stage:
+                    ema_decay: float, pool_size: int, accelerator, offset_noise: float) -> Stage:
     """The frozen `vae` and `text_encoder` encode a pool of `pool_size` training images once (encoding costs
     more than a U-Net step at this size); steps then draw from it epoch after epoch, each with its own
     posterior sample, noise, timestep and caption dropout."""
@@ -104,6 +112,7 @@ def diffusion_stage(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, t
         dropped = (torch.rand(count, generator=generator) < caption_dropout).to(accelerator.device)
         posterior_noise = torch.randn(pool["mean"][index].shape, generator=generator).to(accelerator.device)
         noise = torch.randn(posterior_noise.shape, generator=generator)
+        noise += offset_noise * torch.randn(count, noise.shape[1], 1, 1, generator=generator)
         timesteps = torch.randint(0, config.num_train_timesteps, (count,), generator=generator)
         latents = (pool["mean"][index] + pool["std"][index] * posterior_noise) * config.latent_scale
         context = torch.where(dropped[:, None, None], empty, pool["context"][index]).float()

@@ -2,7 +2,7 @@
 analyze(), and count agreement per attribute, separately for label combinations the training split shows
 ("seen") and for the held-out (shape, colour) pairs it never shows ("heldout").
 
-    python -m latentdiff.train.evaluate weights/demo/model.safetensors --count 100 --json scores.json
+    python tools/evaluate.py weights/demo/model.safetensors --count 100 --json scores.json
 """
 
 import argparse
@@ -19,6 +19,7 @@ from .analyze import analyze, score
 from .shapes import make_caption, make_sample
 
 ATTRIBUTES = ("background", "color", "shape", "position")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_SEED = 1234  # labels are drawn from another stream than training's (seed 0)
 
 
@@ -39,7 +40,7 @@ def full_caption(label: dict) -> str:
 
 
 def evaluate(pipeline: Pipeline, *, count: int, split: str, steps: int = 20, sampler: str = "Euler a",
-             cfg_scale: float = 5.0) -> dict:
+             cfg_scale: float = 7.0) -> dict:
     """{"n", <attribute>: fraction correct, "items": [{caption, label, seen, correct}]} over `count` labels."""
     items = []
     for i in range(count):
@@ -54,19 +55,20 @@ def evaluate(pipeline: Pipeline, *, count: int, split: str, steps: int = 20, sam
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latentdiff.train.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="a shapes model (.safetensors single file)")
     parser.add_argument("--count", type=int, default=100, help="images per split (seen and held-out)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="Euler a")
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--cfg-scale", type=float, default=7.0)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: the pipeline's, as the CLI uses")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="write the scores and every item here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        pipeline = Pipeline.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+        pipeline = Pipeline.from_pretrained(args.model, device="cpu", dtype=DTYPES.get(args.dtype))
         settings = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale}
         results = {split: evaluate(pipeline, count=args.count, split=split, **settings) for split in ("train", "heldout")}
     except LatentDiffError as e:
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, name in (("train", "seen"), ("heldout", "held-out")):
         print(f"{name:10}" + "".join(f"{results[split][a]:>12.1%}" for a in ATTRIBUTES))
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), **settings, "seen": results["train"],
+        args.json.write_text(json.dumps({"model": str(args.model), **settings, "dtype": str(pipeline.dtype),
+                                         "seen": results["train"],
                                          "heldout": results["heldout"]}, indent=1))
     return 0
 

@@ -58,6 +58,7 @@ class Recipe:
     kl_weight: float = 1e-4  # ldm convention: per-image KL sum against per-image L1 sum (SD: 1e-6)
     embed_dim: int = 128  # contrastive embedding width (image tower and text projection)
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    offset_noise: float = 0.2  # see diffusion.py: makes the background follow the caption, not the seed
     latent_pool: int = 8192  # training images encoded once for stage 3 and revisited every epoch
     ema_decay: float = 0.995
     latent_std_images: int = 512  # images encoded to measure the latent scale
@@ -168,7 +169,7 @@ def train(out: str | Path, config: ModelConfig, recipe: Recipe, *, resume: bool 
     zero_init_residuals(unet)
     stage = diffusion_stage(unet, vae, text_encoder, tokenizer, config, recipe.unet, seed=seed,
                             caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay,
-                            pool_size=recipe.latent_pool, accelerator=accelerator)
+                            pool_size=recipe.latent_pool, accelerator=accelerator, offset_noise=recipe.offset_noise)
     summary["unet"] = run_stage(stage, accelerator, out, seed, progress)
 
     if accelerator.is_main_process:
