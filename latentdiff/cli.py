@@ -21,7 +21,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="default: fp16 on CUDA, bf16 on CPUs with AMX / AVX512-BF16, else fp32")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,17 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", help="batch mode: one prompt per line, or JSON lines with per-line options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_flags(p)
+    speed = p.add_argument_group("speed and memory")
+    speed.add_argument("--threads", type=int, help="CPU threads (default: one per physical core; fewer can win "
+                                                   "when other programs keep the cores busy)")
+    speed.add_argument("--vae-tiling", default="auto", metavar="{auto,on,off}",
+                       help="decode/encode the image in overlapping tiles to bound memory (auto: above 1024x1024)")
+    speed.add_argument("--attention-slice", type=int, metavar="TOKENS",
+                       help="sliced attention: query blocks of this many tokens (e.g. 1024); off by default")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the U-Net (minutes up front; falls back to eager if it fails)")
+    speed.add_argument("--offload", action="store_true",
+                       help="CUDA: keep the text encoder and VAE in CPU memory except while they run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .fastpaths import use_huge_pages
+    use_huge_pages()  # before any tensor exists: PyTorch reads the switch at its first allocation
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -91,13 +105,19 @@ def _torch_dtype(name):
 
 
 def _pipeline(args, device=None):
+    from .fastpaths import set_threads
     from .pipeline import Pipeline
+    from .tiling import check_tiling_mode
+    check_tiling_mode(args.vae_tiling)  # bad switches fail before the model loads
+    set_threads(args.threads)
     model = args.model or DEMO_MODEL
     if not Path(model).exists():
         hint = "pass --model PATH" if args.model else "the bundled demo model is missing: pass --model PATH"
         raise InputError(f"model not found: {model} ({hint})")
     return Pipeline.from_pretrained(model, config=args.config, prediction=args.prediction,
-                                    device=args.device or device, dtype=_torch_dtype(args.dtype))
+                                    device=args.device or device, dtype=_torch_dtype(args.dtype),
+                                    vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
+                                    compile=args.compile, offload=args.offload)
 
 
 def _jobs(args) -> list[dict]:

@@ -3,6 +3,7 @@
 import inspect
 import logging
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import fastpaths
 from .denoisers import CFGDenoiser, DiscreteDenoiser
 from .errors import GenerationError, InputError
 from .images import pil_to_tensor, tensor_to_pil
@@ -18,6 +20,7 @@ from .model import StableDiffusion
 from .sampling import resolve_sampler
 from .sampling_stochastic import brownian_noise_sampler, sample_dpmpp_sde
 from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
+from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
 log = logging.getLogger("latentdiff")
 MIN_SIDE, MAX_SIDE = 64, 4096
@@ -32,31 +35,67 @@ class Result:
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """CUDA -> fp16 (the fast path); anything else -> fp32."""
+    """The device (CUDA if there is one, else the CPU) and the fast dtype for it that keeps image quality:
+    fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (fastpaths.default_dtype)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    return device, dtype or fastpaths.default_dtype(device)
 
 
 class Pipeline:
-    def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None):
+    """Speed and memory options (all off by default except the dtype / memory layout choice):
+    `vae_tiling` "auto" | "on" | "off": decode and encode in overlapping tiles ("auto": above 1024x1024 px);
+    `attention_slice`: sliced attention with query blocks of that many tokens (None: off);
+    `compile`: torch.compile the U-Net, falling back to eager if compiling fails;
+    `offload` (CUDA only): text encoder and VAE wait on the CPU and visit the GPU only while they run."""
+
+    def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None,
+                 vae_tiling: str = "auto", attention_slice: int | None = None, compile: bool = False,
+                 offload: bool = False):
         self.model = model
         self.source = Path(source) if source else None
+        self.vae_tiling = check_tiling_mode(vae_tiling)
+        fastpaths.set_attention_slicing(model, attention_slice)
+        self.offload, self.compile = offload, compile
         self.to(*default_device_dtype(device, dtype))
+        self._unet = fastpaths.compile_unet(model.unet, self.device) if compile else model.unet
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, config=None, prediction: str | None = None,
-                        device=None, dtype=None) -> "Pipeline":
+                        device=None, dtype=None, **options) -> "Pipeline":
         """A single-file checkpoint or a diffusers folder; `config` is a preset name (e.g. "sd2-v") or a
-        ModelConfig for single files whose architecture should not be detected."""
+        ModelConfig for single files whose architecture should not be detected. `options`: see the class."""
         device, dtype = default_device_dtype(device, dtype)
         model = load_model(source, config=config, prediction=prediction, dtype=dtype)
-        return cls(model, device=device, dtype=dtype, source=source)
+        return cls(model, device=device, dtype=dtype, source=source, **options)
 
     def to(self, device=None, dtype=None) -> "Pipeline":
-        self.device = torch.device(device) if device else self.model.device
-        self.dtype = dtype or self.model.dtype
+        device = torch.device(device) if device else self.model.device
+        if self.offload and device.type != "cuda":
+            raise InputError(f"--offload keeps the text encoder and VAE in CPU memory between their runs on a "
+                             f"CUDA GPU; this pipeline runs on {device}, where it would save nothing: leave "
+                             f"--offload out (or use --device cuda)")
+        self.device, self.dtype = device, dtype or self.model.dtype
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        cpu_bf16_layout = fastpaths.prefers_channels_last(self.device, self.dtype)
+        fastpaths.set_memory_format(self.model, cpu_bf16_layout)
+        # inductor packs weights its own way and cannot trace the packed ops' closures: not with compile
+        fastpaths.prepack_convolutions(self.model, cpu_bf16_layout and not self.compile)
+        if self.offload:
+            for part in (self.model.text_encoder, self.model.vae):
+                part.to("cpu")
         return self
+
+    @contextmanager
+    def _on_device(self, part: torch.nn.Module):
+        """`part` on the pipeline's device while the block runs; with offload it goes back to the CPU after."""
+        if not self.offload:
+            yield part
+            return
+        part.to(self.device)
+        try:
+            yield part
+        finally:
+            part.to("cpu")
 
     @property
     def config(self):
@@ -74,7 +113,8 @@ class Pipeline:
             if dropped:
                 log.warning("prompt is longer than %d tokens; dropped: %r", self.config.text.max_length, dropped)
         tokens = self.model.tokenizer(prompts).to(self.device)
-        return self.model.text_encoder(tokens, layer=self.config.text.output_layer - (clip_skip - 1))
+        with self._on_device(self.model.text_encoder) as text_encoder:
+            return text_encoder(tokens, layer=self.config.text.output_layer - (clip_skip - 1))
 
     # -- sampling -----------------------------------------------------------------------------------
 
@@ -100,7 +140,7 @@ class Pipeline:
 
     def _denoiser(self, cond, uncond, cfg_scale):
         dtype = self.dtype
-        unet = self.model.unet
+        unet = self._unet
 
         def network(x, t, context):  # latents stay fp32 between steps; the network runs in the model dtype
             return unet(x.to(dtype), t, context.to(dtype)).float()
@@ -184,7 +224,9 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: Image.Image, gens: list[torch.Generator]) -> torch.Tensor:
         """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them)."""
-        posterior = self.model.vae.encode(pil_to_tensor(image).to(self.device, self.dtype))
+        x = pil_to_tensor(image).to(self.device, self.dtype)
+        with self._on_device(self.model.vae) as vae:
+            posterior = tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
         return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
 
     @torch.no_grad()
@@ -192,14 +234,20 @@ class Pipeline:
         """Latents -> images. A non-finite decode (fp16 overflow) is retried in fp32; still non-finite is
         an error, never a silent black image."""
         z = latents / self.config.latent_scale
-        out = self.model.vae.decode(z.to(self.dtype)).float()
+        f = self.config.vae.downsample_factor
+        tiled = wants_tiling(self.vae_tiling, z.shape[2] * f, z.shape[3] * f)
+
+        def run(vae, z):
+            return (tiled_decode(vae, z) if tiled else vae.decode(z)).float()
+
         notes = []
-        if not torch.isfinite(out).all() and self.dtype != torch.float32:
-            notes.append(f"VAE decode in {self.dtype} gave NaN/Inf; retried in float32")
-            log.warning(notes[-1])
-            vae32 = self.model.vae.float()
-            out = vae32.decode(z.float()).float()
-            vae32.to(self.dtype)
+        with self._on_device(self.model.vae) as vae:
+            out = run(vae, z.to(self.dtype))
+            if not torch.isfinite(out).all() and self.dtype != torch.float32:
+                notes.append(f"VAE decode in {self.dtype} gave NaN/Inf; retried in float32")
+                log.warning(notes[-1])
+                out = run(vae.float(), z.float())
+                vae.to(self.dtype)
         if not torch.isfinite(out).all():
             raise GenerationError("the decoded image contains NaN/Inf even in float32: the latents are not "
                                   "finite (try another sampler, fewer steps or a lower --cfg-scale)")

@@ -38,6 +38,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
         self.heads, self.upcast = heads, upcast
+        self.chunk: int | None = None  # query block size of sliced attention (fastpaths.set_attention_slicing)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -45,7 +46,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast,
+                        chunk=self.chunk)
         return self.to_out(out)
 
 
@@ -106,14 +108,17 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.flatten(2).transpose(1, 2)  # (b, pixels, c)
+        # (b, pixels, c) tokens; a free view when x is channels_last, one copy otherwise
+        h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.transpose(1, 2).reshape(b, c, height, width)
+        h = h.reshape(b, height, width, c).permute(0, 3, 1, 2)  # channels_last strides
+        if x.is_contiguous():  # an NCHW model: convolutions fed NHWC strides switch to slower fp32 kernels
+            h = h.contiguous()
         if not self.linear:
             h = self.proj_out(h)
         return x + h

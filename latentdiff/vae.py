@@ -91,12 +91,16 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.norm = group_norm(channels, eps=NORM_EPS)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+        self.chunk: int | None = None  # query block size of sliced attention (fastpaths.set_attention_slicing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         h = self.norm(x)
-        q, k, v = (proj(h).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))  # b, pixels, c
-        h = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, height, width)
+        # (b, pixels, c) tokens: a free view when h is channels_last
+        q, k, v = (proj(h).permute(0, 2, 3, 1).reshape(b, height * width, c) for proj in (self.q, self.k, self.v))
+        h = attention(q, k, v, heads=1, chunk=self.chunk).reshape(b, height, width, c).permute(0, 3, 1, 2)
+        if x.is_contiguous():  # an NCHW model: keep the convolutions on NCHW kernels
+            h = h.contiguous()
         return x + self.proj_out(h)
 
 

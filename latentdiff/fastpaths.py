@@ -1,0 +1,174 @@
+"""Speed and memory switches, decided at run time: dtype per device, threads, sliced attention, compile.
+
+Nothing here runs at import. What is on by default (measured on CPU, see benchmarks/cpu.md):
+SDPA attention everywhere (layers.attention), classifier-free guidance as one batched U-Net call
+(denoisers.CFGDenoiser), bf16 weights with channels_last, pre-packed convolutions on CPUs with native bf16
+matmuls (AMX / AVX512-BF16), fp16 on CUDA. Off by default, for the cases that need them: sliced attention (a
+backend without fused SDPA kernels), tiled VAE (latentdiff.tiling; very large images), torch.compile
+(pays minutes up front).
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError, LatentDiffError
+
+log = logging.getLogger("latentdiff")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 dot-product units
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first processor listed in /proc/cpuinfo text (x86)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo; empty on systems without it (macOS, Windows)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether bf16 matmuls run in hardware here (Intel AMX or AVX512-BF16), where bf16 weights are ~3x
+    faster than fp32. Without them PyTorch emulates bf16 and it is slower than fp32. `cpuinfo` is the text of
+    /proc/cpuinfo, read now when not given."""
+    if cpuinfo is None:
+        cpuinfo = read_cpuinfo()
+    return any(flag in cpu_flags(cpuinfo) for flag in NATIVE_BF16_FLAGS)
+
+
+def default_dtype(device: torch.device | str, cpuinfo: str | None = None) -> torch.dtype:
+    """The fast dtype that keeps image quality: fp16 on CUDA (the pipeline retries a NaN VAE decode in fp32),
+    bf16 on CPUs with native bf16 (PSNR vs fp32 in benchmarks/cpu.md), fp32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16(cpuinfo):
+        return torch.bfloat16
+    return torch.float32
+
+
+def prefers_channels_last(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """NHWC convolutions: measured 10-20% faster U-Net steps and 1.5-2x faster VAE decodes in bf16 on CPU
+    (oneDNN's bf16 kernels are NHWC), but ~7% slower in fp32, so only CPU bf16 uses them (with the weights
+    pre-packed, prepack_convolutions)."""
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16
+
+
+def set_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    """Convolution weights in channels_last (or back to contiguous). Activations follow the weights: a
+    convolution with channels_last weights returns channels_last output. The state dict is unchanged."""
+    return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class PackedConv2d:
+    """A Conv2d's forward with its weight kept in oneDNN's blocked layout. PyTorch's eager convolution
+    reorders the weight into that layout on every call: for SD's 1280-channel layers at small latent sizes
+    the reorder costs as much as the convolution (a bf16 U-Net step at 256 px: ~30% of its time, measured
+    in benchmarks/cpu.md). Same kernel, same numbers. The packed copy is redone when the weight changes
+    (new tensor, in-place update, dtype); with gradients on, the plain convolution runs (no autograd here)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv = conv
+        self.packed_from = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv, w = self.conv, self.conv.weight
+        if torch.is_grad_enabled():
+            return conv._conv_forward(x, w, conv.bias)
+        geometry = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+        source = (w.data_ptr(), w.dtype, None if w.is_inference() else w._version)
+        if source != self.packed_from:
+            self.packed = torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape))
+            self.packed_from = source
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, conv.bias, *geometry, "none", [], "")
+
+
+def prepack_convolutions(model: nn.Module, enable: bool) -> int:
+    """Keep every zero-padded Conv2d's weight pre-reordered for oneDNN (see PackedConv2d), or undo that.
+    Costs one extra copy of the convolution weights in memory. Only where PyTorch's oneDNN ops exist; returns
+    how many convolutions are packed."""
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"
+             and not isinstance(m.padding, str)]
+    enable = enable and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    for conv in convs:
+        if enable:
+            conv.forward = PackedConv2d(conv)
+        else:
+            conv.__dict__.pop("forward", None)
+    return len(convs) if enable else 0
+
+
+def use_huge_pages() -> None:
+    """Back PyTorch's CPU allocations of 2 MiB and more with transparent huge pages (PyTorch's own
+    THP_MEM_ALLOC_ENABLE switch). PyTorch reads the switch at the process's first tensor allocation:
+    call this before creating any tensor (the CLI does it first thing); later it changes nothing.
+
+    Activations are allocated afresh at every sampling step, and the kernel hands them out as zeroed
+    4 KiB pages: ~450k page faults per SD 1.5 U-Net step at 256 px. With 2 MiB pages that is ~3k, and
+    the step is ~5% faster (benchmarks/cpu.md). Peak memory is unchanged. Linux only; where huge pages
+    are disabled ("never") the request is ignored."""
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+
+
+def set_threads(threads: int | None) -> int:
+    """Intra-op threads for CPU work; None keeps PyTorch's choice (one per physical core). Fewer threads
+    than cores win when other processes keep the cores busy: an OpenMP barrier waits for its slowest,
+    descheduled thread (benchmarks/cpu.md). Returns the count in effect."""
+    if threads is not None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if not 1 <= threads <= (available or threads):
+            raise InputError(f"--threads {threads}: must be between 1 and the {available} CPUs this process may use")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def set_attention_slicing(model: nn.Module, chunk: int | None) -> int:
+    """Sliced attention (query blocks of `chunk` tokens; None: off) in every attention layer of `model` that
+    supports it (U-Net and VAE). Returns how many layers were set."""
+    if chunk is not None and chunk < 1:
+        raise InputError(f"--attention-slice {chunk}: must be a positive number of query tokens (e.g. 1024)")
+    layers = [m for m in model.modules() if hasattr(m, "chunk")]
+    for layer in layers:
+        layer.chunk = chunk
+    return len(layers)
+
+
+class CompiledOrEager:
+    """`torch.compile(module)` that falls back to the plain module when compiling fails (no C++ compiler,
+    an unsupported op, no Triton for this GPU): logged once, never fatal. Our own errors (bad input) pass
+    through untouched. `mode="reduce-overhead"` adds CUDA-graph capture on CUDA, for fixed shapes."""
+
+    def __init__(self, module: nn.Module, mode: str | None = None):
+        self.module = module
+        self.compiled = torch.compile(module, mode=mode, dynamic=False)
+        self.fallback_reason: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.fallback_reason is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except LatentDiffError:
+                raise
+            except Exception as e:  # compiler failures have many types (BackendCompilerFailed, OSError, ...)
+                self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("torch.compile failed, running eagerly: %s", self.fallback_reason)
+        return self.module(*args, **kwargs)
+
+
+def compile_unet(unet: nn.Module, device: torch.device | str, mode: str | None = None):
+    """The U-Net as called per sampling step, compiled if possible. CUDA defaults to "reduce-overhead"
+    (CUDA graphs: one launch per step instead of ~1000 kernels), elsewhere to inductor's default."""
+    if mode is None:
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+    return CompiledOrEager(unet, mode)
