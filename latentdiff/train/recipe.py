@@ -51,14 +51,14 @@ class Recipe:
     seed: int = 0
     vae: StageRecipe = StageRecipe(steps=900, batch_size=16, lr=2e-4, warmup=20, checkpoint_every=250)
     text: StageRecipe = StageRecipe(steps=200, batch_size=128, lr=5e-4, warmup=20, checkpoint_every=250)
-    unet: StageRecipe = StageRecipe(steps=1800, batch_size=32, lr=5e-4, warmup=100, checkpoint_every=250)
+    unet: StageRecipe = StageRecipe(steps=1800, batch_size=32, lr=1e-3, warmup=100, checkpoint_every=250)
     vae_low_res: int = 32  # the autoencoder's first vae_low_res_steps steps see images rendered this small
     vae_low_res_steps: int = 550
     initial_posterior_std: float = 0.01
     kl_weight: float = 1e-4  # ldm convention: per-image KL sum against per-image L1 sum (SD: 1e-6)
     embed_dim: int = 128  # contrastive embedding width (image tower and text projection)
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
-    offset_noise: float = 0.2  # see diffusion.py: makes the background follow the caption, not the seed
+    offset_noise: float = 0.4  # see diffusion.py: makes the background follow the caption, not the seed
     latent_pool: int = 8192  # training images encoded once for stage 3 and revisited every epoch
     ema_decay: float = 0.995
     latent_std_images: int = 512  # images encoded to measure the latent scale
