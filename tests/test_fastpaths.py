@@ -294,33 +294,31 @@ def test_threads():
 
 
 HUGE_PAGES_PROBE = """
-import resource, sys, torch
+import sys, torch
 from latentdiff import fastpaths
 if sys.argv[1] == "on":
     fastpaths.use_huge_pages()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    block = torch.ones(8 * 2**20 // 4)
-    del block
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+block = torch.ones(8 * 2**20 // 4)
+flags = [line.split()[1:] for line in open("/proc/self/smaps") if line.startswith("VmFlags:")]
+print(sum("hg" in f for f in flags))
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
 def test_huge_pages_for_big_allocations():
-    """Four fresh 8 MiB tensors in a row: glibc returns most freed blocks to the kernel, so they cost
-    thousands of faults of 4 KiB pages; after use_huge_pages (called before the first allocation, in a
-    fresh process) the blocks come in 2 MiB pages, where the kernel allows huge pages at all."""
-    def faults(mode):
+    """After use_huge_pages (called before the first allocation, in a fresh process) PyTorch advises the
+    kernel to back its 8 MiB block with 2 MiB pages (madvise MADV_HUGEPAGE: "hg" in the mapping's VmFlags);
+    without it, nothing in the process asks for huge pages. Whether the kernel then finds free 2 MiB pages
+    depends on its memory at that moment, so the page-fault count (measured: ~3k instead of ~450k per SD
+    step when it does) is not what this asserts."""
+    def advised_mappings(mode):
         done = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE, mode], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
 
-    small_pages = faults("off")
-    assert small_pages >= 2048  # at least one block faulted in page by page
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    huge_pages_possible = thp.is_file() and "[never]" not in thp.read_text()
-    assert (faults("on") < small_pages / 2) == huge_pages_possible
+    assert advised_mappings("off") == 0
+    assert advised_mappings("on") >= 1
 
 
 def test_compile_falls_back_to_eager(monkeypatch):

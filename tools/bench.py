@@ -64,20 +64,6 @@ def tiny_config():
         vae=VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1), resolution=64)
 
 
-def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random tensors for every entry of a (meta) model: weights ~ N(0, 1/fan_in) so activations
-    stay O(1) through the depth, norm gains ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, meta in model.state_dict().items():
-        noise = torch.randn(meta.shape, generator=gen)
-        if meta.ndim >= 2:
-            out[name] = noise / math.sqrt(math.prod(meta.shape[1:]))
-        else:
-            out[name] = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
-    return out
-
-
 def weights_folder(args) -> Path:
     """The diffusers folder both sides load, written on first use (save_model writes atomically, so a
     folder that exists is complete)."""
@@ -85,6 +71,7 @@ def weights_folder(args) -> Path:
     from latentdiff.config import preset
     from latentdiff.loader import save_model
     from latentdiff.model import build_on_meta
+    from parity_full import random_state_dict  # tools/, beside this script; imported here, not in the workers
 
     config = tiny_config() if args.tiny else preset("sd1")
     folder = Path(args.cache_dir) / f"{config.name}-seed{args.weights_seed}"
