@@ -312,8 +312,10 @@ def test_huge_pages_for_big_allocations():
     depends on its memory at that moment, so the page-fault count (measured: ~3k instead of ~450k per SD
     step when it does) is not what this asserts."""
     def advised_mappings(mode):
+        # without the switch, whatever this process inherited (in-process CLI tests call use_huge_pages)
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
         done = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE, mode], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
 
