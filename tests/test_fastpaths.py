@@ -323,13 +323,17 @@ def test_huge_pages_for_big_allocations():
     assert advised_mappings("on") >= 1
 
 
-def test_compile_falls_back_to_eager(monkeypatch):
-    def broken_compile(module, **kwargs):
+def compile_raising(error: Exception):
+    """A stand-in for torch.compile whose compiled module raises `error` when called."""
+    def fake_compile(module, **kwargs):
         def run(*args):
-            raise RuntimeError("no working C++ compiler found\nmore lines")
+            raise error
         return run
+    return fake_compile
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+
+def test_compile_falls_back_to_eager(monkeypatch):
+    monkeypatch.setattr(torch, "compile", compile_raising(RuntimeError("no working C++ compiler found\nmore lines")))
     torch.manual_seed(0)
     unet = UNet(TINY_UNET).eval()
     fast = fastpaths.compile_unet(unet, "cpu")
@@ -342,12 +346,7 @@ def test_compile_falls_back_to_eager(monkeypatch):
 
 
 def test_compile_passes_our_errors_through(monkeypatch):
-    def compile_that_raises_input_error(module, **kwargs):
-        def run(*args):
-            raise InputError("bad width")
-        return run
-
-    monkeypatch.setattr(torch, "compile", compile_that_raises_input_error)
+    monkeypatch.setattr(torch, "compile", compile_raising(InputError("bad width")))
     fast = fastpaths.compile_unet(torch.nn.Identity(), "cuda")
     with pytest.raises(InputError, match="bad width"):
         fast(torch.zeros(1))
