@@ -80,6 +80,7 @@ class Pipeline:
         fastpaths.set_memory_format(self.model, cpu_bf16_layout)
         # inductor packs weights its own way and cannot trace the packed ops' closures: not with compile
         fastpaths.prepack_convolutions(self.model, cpu_bf16_layout and not self.compile)
+        fastpaths.fuse_projections(self.model, self.device.type == "cuda" and not self.compile)
         if self.offload:
             for part in (self.model.text_encoder, self.model.vae):
                 part.to("cpu")

@@ -35,6 +35,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention from `dim`-wide queries to `context_dim`-wide keys/values (self-attention when
     no context is given). q/k/v have no bias in ldm."""
 
+    qkv_names = ("to_q", "to_k", "to_v")  # the projections fastpaths.fuse_projections fuses into `qkv`
+
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
         self.heads, self.upcast = heads, upcast
@@ -43,12 +45,15 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # ldm's to_out.1 (dropout) holds no weights
+        self.qkv = None  # fastpaths.fuse_projections: q, k, v in one matmul when attending to x itself
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast,
-                        chunk=self.chunk)
-        return self.to_out(out)
+        if context is None and self.qkv is not None:
+            q, k, v = self.qkv(x)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out(attention(q, k, v, self.heads, upcast=self.upcast, chunk=self.chunk))
 
 
 class GEGLU(nn.Module):

@@ -159,6 +159,38 @@ def test_prepacked_convolutions_match_and_follow_weight_changes():
     assert convs[0].weight.grad is not None
 
 
+def test_fused_qkv_projections_match_the_separate_layers():
+    """One matmul over the concatenated q/k/v weights gives the three projections (fp32: the same sums in
+    another blocking, ~1e-6); the layers' weights become slices of the concatenation (no second copy) with
+    the same state dict; a changed weight is picked up; autograd reaches each layer."""
+    from latentdiff.unet import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(dim=32, context_dim=32, heads=2, upcast=False).eval()
+    cross_only = CrossAttention(dim=32, context_dim=16, heads=2, upcast=False)
+    x, context = randn(2, 10, 32), randn(2, 5, 32)
+    state = {k: v.clone() for k, v in attn.state_dict().items()}
+    with torch.no_grad():
+        separate, separate_cross = attn(x), attn(x, context)
+        assert fastpaths.fuse_projections(torch.nn.ModuleList([attn, cross_only]), True) == 1
+        assert cross_only.qkv is None  # k and v read a 16-wide context: nothing to fuse
+        assert torch.allclose(attn(x), separate, atol=1e-5, rtol=0)
+        assert torch.equal(attn(x, context), separate_cross)  # cross-attention keeps the separate layers
+        storages = {attn.to_q.weight.untyped_storage().data_ptr(), attn.to_v.weight.untyped_storage().data_ptr()}
+        assert len(storages) == 1
+        assert all(torch.equal(state[k], v) for k, v in attn.state_dict().items())
+        attn.to_v.weight.mul_(-1)  # a stale concatenation would ignore this
+        changed = attn(x)
+        attn.to(torch.float64)  # new tensors: concatenated again
+        assert torch.allclose(attn(x.double()).float(), changed, atol=1e-5, rtol=0)
+        fastpaths.fuse_projections(attn, False)
+        assert attn.qkv is None and torch.allclose(attn(x.double()).float(), changed, atol=1e-5, rtol=0)
+    attn.float()
+    fastpaths.fuse_projections(attn, True)
+    attn(x).sum().backward()
+    assert all(layer.weight.grad is not None for layer in (attn.to_q, attn.to_k, attn.to_v))
+
+
 def test_group_norm_in_low_precision():
     norm = GroupNorm32(32, 64)
     with torch.no_grad():
@@ -434,6 +466,7 @@ def test_pipeline_dtype_and_layout_follow_the_cpu_flags(monkeypatch):
     fast = pipeline.Pipeline(tiny_model(SD1), device="cpu")
     assert fast.dtype == torch.bfloat16 and fast.model.dtype == torch.bfloat16 and conv_is_channels_last(fast)
     assert isinstance(fast.model.unet.input_blocks[0][0].__dict__.get("forward"), fastpaths.PackedConv2d)
+    assert all(getattr(m, "qkv", None) is None for m in fast.model.modules())  # fused on CUDA only
     monkeypatch.setattr(fastpaths, "read_cpuinfo", lambda: SKYLAKE)
     plain = pipeline.Pipeline(tiny_model(SD1), device="cpu")
     assert plain.dtype == torch.float32 and plain.model.dtype == torch.float32 and not conv_is_channels_last(plain)

@@ -17,7 +17,7 @@ from latentdiff.clip import TextEncoder, Tokenizer
 from latentdiff.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, config_to_dict
 from latentdiff.formats.single_file import read_single_file
 from latentdiff.train.autoencoder import autoencoder_stage, init_posterior_std
-from latentdiff.train.diffusion import diffusion_stage, zero_init_residuals
+from latentdiff.train.diffusion import DiffusionLoss, diffusion_stage, min_snr_weights, zero_init_residuals
 from latentdiff.train.ema import EMA
 from latentdiff.train.loop import StageRecipe, run_stage
 from latentdiff.train.recipe import Recipe, with_overrides
@@ -227,6 +227,23 @@ def test_offset_noise_adds_a_constant_per_image_and_channel(tokenizer, accelerat
     expected = offset**2 + 1 / (h * w)
     assert noise.mean(dim=(2, 3)).var().item() == pytest.approx(expected, rel=0.06)
     assert noise.var().item() == pytest.approx(1 + offset**2, rel=0.03)
+
+
+def test_min_snr_weighting_scales_only_low_noise_timesteps(tokenizer, accelerator):
+    abar = torch.tensor([0.999, 0.5, 0.01], dtype=torch.float64)  # SNR 999, 1, 0.0101
+    assert torch.allclose(min_snr_weights(abar, 5.0), torch.tensor([5 / 999, 1.0, 1.0], dtype=torch.float64))
+    assert torch.equal(min_snr_weights(abar, 0.0), torch.ones(3, dtype=torch.float64))
+
+    stage = tiny_diffusion_stage(tokenizer, accelerator, StageRecipe(steps=1, batch_size=8, lr=1e-3))
+    unet, abar_all = stage.module.unet, stage.module.alphas_cumprod
+    for p in unet.out.parameters():  # a non-zero prediction, so the loss depends on the network
+        nn.init.normal_(p, std=0.1)
+    batch = stage.make_batch(0, 0, 8, torch.Generator().manual_seed(0))
+    weighted, plain = DiffusionLoss(unet, abar_all, snr_gamma=5.0), DiffusionLoss(unet, abar_all)
+    with torch.no_grad():
+        for t, factor in ((0, 5 / (abar_all[0] / (1 - abar_all[0]))), (999, 1.0)):
+            at_t = batch | {"timesteps": torch.full((8,), t)}
+            assert weighted(at_t)[0].item() == pytest.approx(factor * plain(at_t)[0].item(), rel=1e-5)
 
 
 def test_recipe_overrides_and_their_errors():

@@ -17,7 +17,8 @@ A side is IMPL[:DTYPE][+OPTION...]: IMPL ours | diffusers; DTYPE fp32 | bf16 | f
 options: autocast (fp32 weights, compute in DTYPE under torch.autocast), tile (tiled VAE decode),
 slice (sliced attention), channels_last / nchw (U-Net and VAE convs in NHWC / NCHW; ours defaults to
 latentdiff.fastpaths' choice, NHWC for CPU bf16; diffusers to NCHW), small_pages (ours on CPU without
-fastpaths.use_huge_pages), unpacked (ours on CPU bf16 without fastpaths.prepack_convolutions).
+fastpaths.use_huge_pages), unpacked (ours on CPU bf16 without fastpaths.prepack_convolutions), fused /
+unfused (ours with / without fastpaths.fuse_projections; default: fused on CUDA only).
 
     python tools/bench.py --size 512 --steps 4                        # ours:fp32 vs diffusers:fp32
     python tools/bench.py --size 256 --sides ours:fp32 diffusers:fp32 ours:bf16 ours:fp32+autocast
@@ -45,7 +46,7 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry, low quality"
 CFG_SCALE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIONS = ("autocast", "tile", "slice", "channels_last", "nchw", "small_pages", "unpacked")
+OPTIONS = ("autocast", "tile", "slice", "channels_last", "nchw", "small_pages", "unpacked", "fused", "unfused")
 ATTENTION_CHUNK = 1024  # query tokens per block with +slice
 METRICS = [("text", "text encode s"), ("step", "U-Net step (CFG) s"), ("decode", "VAE decode s"),
            ("e2e", "end to end s"), ("step_cpu", "U-Net step CPU s"), ("e2e_cpu", "end to end CPU s"),
@@ -158,7 +159,7 @@ def load_side(side: dict, folder: Path, device: torch.device):
     weights = torch.float32 if "autocast" in side["options"] else compute
 
     if side["impl"] == "ours":
-        from latentdiff.fastpaths import prepack_convolutions, set_memory_format
+        from latentdiff.fastpaths import fuse_projections, prepack_convolutions, set_memory_format
         from latentdiff.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(folder, device=device, dtype=weights,
@@ -171,6 +172,9 @@ def load_side(side: dict, folder: Path, device: torch.device):
                 set_memory_format(pipe.model, channels_last)
         if "unpacked" in side["options"]:
             prepack_convolutions(pipe.model, False)
+        for option, fused in (("fused", True), ("unfused", False)):
+            if option in side["options"]:
+                fuse_projections(pipe.model, fused)
 
         def generate(args, seed, steps):
             return pipe.txt2img(PROMPT, NEGATIVE, width=args.size, height=args.size, steps=steps,

@@ -13,6 +13,11 @@ copy the background colour from the noise instead of reading it from the caption
 the seed's noise picked it: measured on the first demo model, the background followed the prompt in 20%
 of images and the same seed gave the same background for every prompt. The standard schedule, eps
 objective and samplers are unchanged.
+
+Min-SNR weighting (`snr_gamma`, Hang et al. 2023): each sample's eps MSE is scaled by min(SNR, gamma) / SNR,
+SNR = abar / (1 - abar). Low-noise timesteps, whose eps loss is large but only polishes detail, stop
+dominating the gradient, and the noisy timesteps where layout and colours are decided get a larger share;
+the paper reports ~3x faster convergence. gamma = 0 turns it off (plain MSE).
 """
 
 import functools
@@ -47,10 +52,18 @@ def zero_init_residuals(unet: UNet) -> None:
     nn.init.zeros_(unet.out[-1].bias)
 
 
+def min_snr_weights(abar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR per timestep (1 where SNR <= gamma); all ones when gamma is 0."""
+    if not gamma:
+        return torch.ones_like(abar)
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / snr
+
+
 class DiffusionLoss(nn.Module):
-    def __init__(self, unet: UNet, alphas_cumprod: torch.Tensor):
+    def __init__(self, unet: UNet, alphas_cumprod: torch.Tensor, snr_gamma: float = 0.0):
         super().__init__()
-        self.unet = unet
+        self.unet, self.snr_gamma = unet, snr_gamma
         # Not persistent: it is the config's schedule, not a trained weight.
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
@@ -58,8 +71,9 @@ class DiffusionLoss(nn.Module):
         t, noise = batch["timesteps"], batch["noise"]
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * batch["latents"] + (1 - abar).sqrt() * noise
-        loss = F.mse_loss(self.unet(noisy, t, batch["context"]).float(), noise)
-        return loss, {}
+        per_sample = F.mse_loss(self.unet(noisy, t, batch["context"]).float(), noise, reduction="none").mean((1, 2, 3))
+        loss = (min_snr_weights(abar.flatten(), self.snr_gamma) * per_sample).mean()
+        return loss, {"mse": per_sample.mean().detach()}
 
 
 @torch.no_grad()
@@ -95,7 +109,7 @@ def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
 
 def diffusion_stage(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer,
                     config: ModelConfig, recipe: StageRecipe, *, seed: int, caption_dropout: float,
-                    ema_decay: float, pool_size: int, accelerator, offset_noise: float) -> Stage:
+                    ema_decay: float, pool_size: int, accelerator, offset_noise: float, snr_gamma: float = 0.0) -> Stage:
     """The frozen `vae` and `text_encoder` encode a pool of `pool_size` training images once (encoding costs
     more than a U-Net step at this size); steps then draw from it epoch after epoch, each with its own
     posterior sample, noise, timestep and caption dropout."""
@@ -118,5 +132,5 @@ def diffusion_stage(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, t
         context = torch.where(dropped[:, None, None], empty, pool["context"][index]).float()
         return {"latents": latents, "context": context, "noise": noise, "timesteps": timesteps}
 
-    module = DiffusionLoss(unet, alphas_cumprod_for(config)).to(accelerator.device)  # the EMA lives beside it
+    module = DiffusionLoss(unet, alphas_cumprod_for(config), snr_gamma).to(accelerator.device)  # the EMA lives beside it
     return Stage("unet", module, make_batch, recipe, ema=EMA(module, ema_decay))

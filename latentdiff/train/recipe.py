@@ -51,7 +51,7 @@ class Recipe:
     seed: int = 0
     vae: StageRecipe = StageRecipe(steps=900, batch_size=16, lr=2e-4, warmup=20, checkpoint_every=250)
     text: StageRecipe = StageRecipe(steps=200, batch_size=128, lr=5e-4, warmup=20, checkpoint_every=250)
-    unet: StageRecipe = StageRecipe(steps=1800, batch_size=32, lr=1e-3, warmup=100, checkpoint_every=250)
+    unet: StageRecipe = StageRecipe(steps=4000, batch_size=32, lr=1e-3, warmup=100, checkpoint_every=250)
     vae_low_res: int = 32  # the autoencoder's first vae_low_res_steps steps see images rendered this small
     vae_low_res_steps: int = 550
     initial_posterior_std: float = 0.01
@@ -59,6 +59,7 @@ class Recipe:
     embed_dim: int = 128  # contrastive embedding width (image tower and text projection)
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     offset_noise: float = 0.4  # see diffusion.py: makes the background follow the caption, not the seed
+    snr_gamma: float = 5.0  # min-SNR loss weighting (diffusion.py); 0 = plain eps MSE
     latent_pool: int = 8192  # training images encoded once for stage 3 and revisited every epoch
     ema_decay: float = 0.995
     latent_std_images: int = 512  # images encoded to measure the latent scale
@@ -169,7 +170,8 @@ def train(out: str | Path, config: ModelConfig, recipe: Recipe, *, resume: bool 
     zero_init_residuals(unet)
     stage = diffusion_stage(unet, vae, text_encoder, tokenizer, config, recipe.unet, seed=seed,
                             caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay,
-                            pool_size=recipe.latent_pool, accelerator=accelerator, offset_noise=recipe.offset_noise)
+                            pool_size=recipe.latent_pool, accelerator=accelerator, offset_noise=recipe.offset_noise,
+                            snr_gamma=recipe.snr_gamma)
     summary["unet"] = run_stage(stage, accelerator, out, seed, progress)
 
     if accelerator.is_main_process:
