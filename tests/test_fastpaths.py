@@ -466,7 +466,7 @@ def test_pipeline_dtype_and_layout_follow_the_cpu_flags(monkeypatch):
     fast = pipeline.Pipeline(tiny_model(SD1), device="cpu")
     assert fast.dtype == torch.bfloat16 and fast.model.dtype == torch.bfloat16 and conv_is_channels_last(fast)
     assert isinstance(fast.model.unet.input_blocks[0][0].__dict__.get("forward"), fastpaths.PackedConv2d)
-    assert all(getattr(m, "qkv", None) is None for m in fast.model.modules())  # fused on CUDA only
+    assert all(getattr(m, "qkv", None) is None for m in fast.model.modules())  # fused q/k/v: CUDA only
     monkeypatch.setattr(fastpaths, "read_cpuinfo", lambda: SKYLAKE)
     plain = pipeline.Pipeline(tiny_model(SD1), device="cpu")
     assert plain.dtype == torch.float32 and plain.model.dtype == torch.float32 and not conv_is_channels_last(plain)
