@@ -3,9 +3,9 @@
 Nothing here runs at import. What is on by default (measured on CPU, see benchmarks/cpu.md):
 SDPA attention everywhere (layers.attention), classifier-free guidance as one batched U-Net call
 (denoisers.CFGDenoiser), bf16 weights with channels_last, pre-packed convolutions on CPUs with native bf16
-matmuls (AMX / AVX512-BF16), fp16 on CUDA. Off by default, for the cases that need them: sliced attention (a
-backend without fused SDPA kernels), tiled VAE (latentdiff.tiling; very large images), torch.compile
-(pays minutes up front).
+matmuls (AMX / AVX512-BF16), fp16 and fused q/k/v projections on CUDA. Off by default, for the cases that
+need them: sliced attention (a backend without fused SDPA kernels), tiled VAE (latentdiff.tiling; very
+large images), torch.compile (pays minutes up front).
 """
 
 import logging
@@ -152,9 +152,8 @@ def fuse_projections(model: nn.Module, enable: bool) -> int:
     attention, CLIP text layers) a FusedLinear of them as `qkv`, which its forward uses when it attends to
     its input itself; `enable=False` removes them. Weight values and state-dict keys stay as they are.
     On by default on CUDA (three kernel launches become one; not yet measured there), off on CPU: in bf16
-    two interleaved benchmark runs disagreed on its sign (-7% and +8% per step), in fp32 it measured ~5%
-    slower with a higher peak RSS from the re-allocated weights (benchmarks/cpu.md). Returns how many
-    layers were fused."""
+    two benchmark runs disagreed on its sign (7% faster per step in one, 8% slower in the other), in fp32
+    it measured ~5% slower with a higher peak RSS (benchmarks/cpu.md). Returns how many layers were fused."""
     fused = 0
     for module in model.modules():
         layers = [getattr(module, name) for name in getattr(module, "qkv_names", ())]

@@ -109,7 +109,8 @@ def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
 
 def diffusion_stage(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer,
                     config: ModelConfig, recipe: StageRecipe, *, seed: int, caption_dropout: float,
-                    ema_decay: float, pool_size: int, accelerator, offset_noise: float, snr_gamma: float = 0.0) -> Stage:
+                    ema_decay: float, pool_size: int, accelerator, offset_noise: float,
+                    snr_gamma: float = 0.0) -> Stage:
     """The frozen `vae` and `text_encoder` encode a pool of `pool_size` training images once (encoding costs
     more than a U-Net step at this size); steps then draw from it epoch after epoch, each with its own
     posterior sample, noise, timestep and caption dropout."""
@@ -132,5 +133,6 @@ def diffusion_stage(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, t
         context = torch.where(dropped[:, None, None], empty, pool["context"][index]).float()
         return {"latents": latents, "context": context, "noise": noise, "timesteps": timesteps}
 
-    module = DiffusionLoss(unet, alphas_cumprod_for(config), snr_gamma).to(accelerator.device)  # the EMA lives beside it
+    # the EMA lives beside the module
+    module = DiffusionLoss(unet, alphas_cumprod_for(config), snr_gamma).to(accelerator.device)
     return Stage("unet", module, make_batch, recipe, ema=EMA(module, ema_decay))
