@@ -72,6 +72,12 @@ def set_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
     return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def weight_source(w: torch.Tensor) -> tuple:
+    """What a derived copy of weight `w` was made from: a new tensor, a dtype change or an in-place update
+    changes it, so a cached copy knows when to be redone."""
+    return w.data_ptr(), w.dtype, None if w.is_inference() else w._version
+
+
 class PackedConv2d:
     """A Conv2d's forward with its weight kept in oneDNN's blocked layout. PyTorch's eager convolution
     reorders the weight into that layout on every call: for SD's 1280-channel layers at small latent sizes
@@ -88,10 +94,9 @@ class PackedConv2d:
         if torch.is_grad_enabled():
             return conv._conv_forward(x, w, conv.bias)
         geometry = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
-        source = (w.data_ptr(), w.dtype, None if w.is_inference() else w._version)
-        if source != self.packed_from:
+        if weight_source(w) != self.packed_from:
             self.packed = torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape))
-            self.packed_from = source
+            self.packed_from = weight_source(w)
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, conv.bias, *geometry, "none", [], "")
 
 
@@ -128,8 +133,7 @@ class FusedLinear:
         return [getattr(layer, name) for layer in self.layers if getattr(layer, name) is not None]
 
     def _sources(self) -> list[tuple]:
-        return [(t.data_ptr(), t.dtype, None if t.is_inference() else t._version)
-                for t in self._params("weight") + self._params("bias")]
+        return [weight_source(t) for t in self._params("weight") + self._params("bias")]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if torch.is_grad_enabled():
