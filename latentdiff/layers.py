@@ -34,6 +34,21 @@ def group_norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
     return GroupNorm32(32, channels, eps=eps)
 
 
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, h, w) feature map -> (b, h * w, c) tokens: a free view when x is channels_last, a copy otherwise."""
+    b, c, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, height * width, c)
+
+
+def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(b, h * w, c) tokens -> a (b, c, h, w) map shaped and laid out like `like`: channels_last strides
+    come free, and an NCHW model gets a contiguous map, since convolutions fed NHWC strides there switch to
+    slower kernels."""
+    b, c, height, width = like.shape
+    x = tokens.reshape(b, height, width, c).permute(0, 3, 1, 2)
+    return x.contiguous() if like.is_contiguous() else x
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, causal: bool = False,
               upcast: bool = False, chunk: int | None = None) -> torch.Tensor:
     """Multi-head attention over (batch, tokens, heads * dim) tensors through SDPA.

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .errors import InputError
-from .layers import GroupNorm32, attention, group_norm, timestep_embedding
+from .layers import GroupNorm32, attention, from_tokens, group_norm, timestep_embedding, to_tokens
 
 
 class ResBlock(nn.Module):
@@ -109,21 +109,17 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, height, width = x.shape
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        # (b, pixels, c) tokens; a free view when x is channels_last, one copy otherwise
-        h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)
+        h = to_tokens(h)
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(b, height, width, c).permute(0, 3, 1, 2)  # channels_last strides
-        if x.is_contiguous():  # an NCHW model: convolutions fed NHWC strides switch to slower fp32 kernels
-            h = h.contiguous()
+        h = from_tokens(h, like=x)
         if not self.linear:
             h = self.proj_out(h)
         return x + h

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import VAEConfig
 from .errors import InputError
-from .layers import attention, group_norm
+from .layers import attention, from_tokens, group_norm, to_tokens
 
 NORM_EPS = 1e-6  # the autoencoder's GroupNorm eps (the U-Net uses 1e-5)
 
@@ -94,14 +94,9 @@ class AttnBlock(nn.Module):
         self.chunk: int | None = None  # query block size of sliced attention (fastpaths.set_attention_slicing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, height, width = x.shape
         h = self.norm(x)
-        # (b, pixels, c) tokens: a free view when h is channels_last
-        q, k, v = (proj(h).permute(0, 2, 3, 1).reshape(b, height * width, c) for proj in (self.q, self.k, self.v))
-        h = attention(q, k, v, heads=1, chunk=self.chunk).reshape(b, height, width, c).permute(0, 3, 1, 2)
-        if x.is_contiguous():  # an NCHW model: keep the convolutions on NCHW kernels
-            h = h.contiguous()
-        return x + self.proj_out(h)
+        q, k, v = (to_tokens(proj(h)) for proj in (self.q, self.k, self.v))
+        return x + self.proj_out(from_tokens(attention(q, k, v, heads=1, chunk=self.chunk), like=x))
 
 
 class Downsample(nn.Module):
