@@ -145,9 +145,9 @@ class FusedLinear:
                 params = self._params(name)
                 whole = torch.cat(params) if params else None
                 for param, part in zip(params, whole.split(self.sizes) if params else ()):
-                    param.data = part
+                    param.data = part  # the layer's weight becomes a view of the concatenation
                 setattr(self, name, whole)
-            self.made_from = self._sources()
+            self.made_from = self._sources()  # read again: the rebinding gave the weights new data pointers
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
