@@ -136,6 +136,38 @@ def test_captions_say_what_the_image_shows():
     assert len(forms) >= 8
 
 
+def test_twins_change_one_thing_and_keep_the_rest_of_the_draw():
+    kinds = Counter()
+    for i in range(300):
+        image, caption, label = make_sample(6, i, 32)
+        for twin in ("shape", "swap"):
+            t_image, t_caption, t_label = make_sample(6, i, 32, twin=twin)
+            changed = {k for k in label if label[k] != t_label[k]}
+            swapped = changed == {"color", "background"}
+            assert changed == {"shape"} or (twin == "swap" and swapped), (label, t_label)
+            assert (t_label["shape"], t_label["color"]) not in HELD_OUT
+            if swapped:  # the same picture with the two colours exchanged, said the same way
+                kinds["swap"] += 1
+                assert t_label["color"] == label["background"] and t_label["background"] == label["color"]
+                exchange = {label["color"]: label["background"], label["background"]: label["color"], "an": "a"}
+                said = [exchange.get(w, w) for w in t_caption.split()]
+                assert said == [{"an": "a"}.get(w, w) for w in caption.split()]
+                # Edges blend the two colours, so a picture's pure shape colour is the farthest from its corner's.
+                a, b = (np.asarray(im).reshape(-1, 3).astype(int) for im in (image, t_image))
+                fill_a, fill_b = (x[np.abs(x - x[0]).sum(axis=1).argmax()] for x in (a, b))
+                assert (b[0] == fill_a).all() and (fill_b == a[0]).all()
+            else:  # the same place, size, colours and phrasing; only the shape's outline differs
+                kinds["shape"] += 1
+                assert t_caption == caption.replace(label["shape"], t_label["shape"])
+                a, b = np.asarray(image).astype(int), np.asarray(t_image).astype(int)
+                differ = (a != b).any(axis=2)
+                assert differ.any() and differ.mean() < SIZES[label["size"]] ** 2 * 1.2
+                assert (a[0, 0] == b[0, 0]).all()
+    # Swaps fall back to a shape twin only where the swapped pair is held out (4 of the 63 pairs).
+    assert kinds["swap"] > 250 and kinds["shape"] > 300, kinds
+    assert make_sample(6, 7, 32, twin="shape")[0].tobytes() == make_sample(6, 7, 32, twin="shape")[0].tobytes()
+
+
 def test_dataloader_batches_images_captions_and_labels():
     images, captions, labels = next(iter(DataLoader(ShapesDataset(seed=0, length=8, image_size=32), batch_size=4)))
     assert images.shape == (4, 3, 32, 32) and len(captions) == 4 and len(labels["shape"]) == 4
@@ -150,6 +182,8 @@ def test_bad_arguments_say_what_to_change():
         make_sample(-1, 0)
     with pytest.raises(InputError, match="length=0"):
         ShapesDataset(length=0)
+    with pytest.raises(InputError, match="twin='colour'.*shape, swap"):
+        make_sample(0, 0, twin="colour")
     with pytest.raises(IndexError, match="index 5 .* length 5"):
         ShapesDataset(length=5)[5]
 

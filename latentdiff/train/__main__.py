@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", default="demo", help="model architecture preset (latentdiff/configs/NAME.json)")
     model.add_argument("--config", type=Path, help="model architecture as a JSON file with ModelConfig keys")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="FIELD=VALUE",
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                         help="recipe overrides, e.g. unet.steps=3000 vae.batch_size=16 seed=1 (see recipe.Recipe)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
                         help="autocast dtype (default: fp16 on CUDA, bf16 on CPU)")

@@ -162,11 +162,18 @@ def render(shape: str, color: tuple, background: tuple, center: tuple[float, flo
     return img.reduce(_SUPERSAMPLE)
 
 
-def make_sample(seed: int, index: int, image_size: int = 64, split: str = "train") -> tuple[Image.Image, str, dict]:
-    """Sample `index` of the (seed, split) stream: (RGB image, caption, label dict of attribute names)."""
+def make_sample(seed: int, index: int, image_size: int = 64, split: str = "train",
+                twin: str | None = None) -> tuple[Image.Image, str, dict]:
+    """Sample `index` of the (seed, split) stream: (RGB image, caption, label dict of attributes).
+
+    twin="shape" or "swap" gives the sample's contrasting twin instead: the same draw (place, size, colour
+    jitter, caption phrasing) with one thing changed, see `_twin_label`.
+    """
     _check_args(seed, image_size, split)
     if not isinstance(index, int) or index < 0:
         raise InputError(f"index={index!r}: sample indices are non-negative integers")
+    if twin not in (None, *TWINS):
+        raise InputError(f"twin={twin!r}: use one of {', '.join(TWINS)}, or None for the sample itself")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     pairs = _allowed_pairs(split)
     shape, color = pairs[rng.integers(len(pairs))]
@@ -178,8 +185,30 @@ def make_sample(seed: int, index: int, image_size: int = 64, split: str = "train
     extent = SIZES[size] * rng.uniform(1 - _SIZE_JITTER, 1 + _SIZE_JITTER)
     row, col = divmod(cell, 3)
     center = (_place(col, extent / 2, rng), _place(row, extent / 2, rng))
-    image = render(shape, _jitter_color(color, rng), _jitter_color(background, rng), center, extent, image_size)
+    fill, back = _jitter_color(color, rng), _jitter_color(background, rng)
+    if twin:
+        label = _twin_label(label, twin, split, np.random.default_rng([seed, SPLITS.index(split), index, 1]))
+        if label["color"] != color:
+            fill, back = back, fill
+    image = render(label["shape"], fill, back, center, extent, image_size)
     return image, make_caption(label, rng), label
+
+
+# Contrasting twins, for hard negatives in the text encoder's contrastive batches (text.py).
+TWINS = ("shape", "swap")
+
+
+def _twin_label(label: dict, twin: str, split: str, rng: np.random.Generator) -> dict:
+    """"shape": another shape, drawn by `rng`; "swap": shape colour and background exchanged ("a white
+    circle on red" for "a red circle on white"), or another shape where the split does not allow the
+    swapped pair. Both keep the (shape, colour) pair inside the split."""
+    allowed = set(_allowed_pairs(split))
+    if twin == "swap" and (label["shape"], label["background"]) in allowed:
+        return {**label, "color": label["background"], "background": label["color"]}
+    others = [s for s in SHAPES if s != label["shape"] and (s, label["color"]) in allowed]
+    if not others:
+        raise InputError(f"the {split} split has no other shape in {label['color']}: it has no shape twins")
+    return {**label, "shape": str(rng.choice(others))}
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
