@@ -50,6 +50,9 @@ HELD_OUT = frozenset({("star", "green"), ("heart", "blue"), ("circle", "purple")
 
 SPLITS = ("train", "heldout")
 
+# Contrasting twins of a sample (make_sample), hard negatives for the text encoder's contrastive batches.
+TWINS = ("shape", "swap")
+
 _SUPERSAMPLE = 4
 _MARGIN = 0.05  # gap between the shape and the image border, as a fraction of the side
 _SIZE_JITTER = 0.06
@@ -192,10 +195,6 @@ def make_sample(seed: int, index: int, image_size: int = 64, split: str = "train
             fill, back = back, fill
     image = render(label["shape"], fill, back, center, extent, image_size)
     return image, make_caption(label, rng), label
-
-
-# Contrasting twins, for hard negatives in the text encoder's contrastive batches (text.py).
-TWINS = ("shape", "swap")
 
 
 def _twin_label(label: dict, twin: str, split: str, rng: np.random.Generator) -> dict:
