@@ -82,8 +82,9 @@ class PackedConv2d:
     """A Conv2d's forward with its weight kept in oneDNN's blocked layout. PyTorch's eager convolution
     reorders the weight into that layout on every call: for SD's 1280-channel layers at small latent sizes
     the reorder costs as much as the convolution (a bf16 U-Net step at 256 px: ~30% of its time, measured
-    in benchmarks/cpu.md). Same kernel, same numbers. The packed copy is redone when the weight changes
-    (new tensor, in-place update, dtype); with gradients on, the plain convolution runs (no autograd here)."""
+    in benchmarks/cpu.md). Same kernel, same numbers (on an AMD EPYC, fp32 1x1 convolutions differ in the
+    last bit: oneDNN picks another algorithm for the eager call). The packed copy is redone when the weight
+    changes (new tensor, in-place update, dtype); with gradients on, the plain convolution runs."""
 
     def __init__(self, conv: nn.Conv2d):
         self.conv = conv

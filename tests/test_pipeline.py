@@ -38,9 +38,11 @@ def test_batch_equals_single_runs(pipe):
     singles = [pipe.txt2img("a red circle", "blurry", seed=s, **options) for s in (10, 11)]
     assert batch.seeds == [10, 11]
     for i, single in enumerate(singles):
-        # fp32 bound; the latents came out bit-identical (measured), but the batched VAE decode rounds
-        # differently in the last bits, which can move an 8-bit value by one level (measured: 1)
-        assert (batch.latents[i] - single.latents[0]).abs().max() <= 1e-4
+        # fp32 bound. The latents came out bit-identical on the Intel AMX machines, 1.0e-4 apart on an AMD
+        # EPYC whose batched GEMMs block (and so round) differently, on latents up to ~25 after 20 steps:
+        # ~4e-6 relative (measured). The batched VAE decode rounds differently in the last bits too, which
+        # can move an 8-bit value by one level (measured: 1).
+        torch.testing.assert_close(batch.latents[i], single.latents[0], rtol=1e-5, atol=1e-4)
         assert np.abs(pixels(batch)[i].astype(int) - pixels(single)[0].astype(int)).max() <= 1
     assert not np.array_equal(*pixels(batch))
 
