@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from latentdiff.train.evaluate import EVAL_SEED, evaluate, full_caption
+from latentdiff.images import pil_to_tensor, tensor_to_pil
+from latentdiff.train.evaluate import EVAL_SEED, evaluate, full_caption, shape_by
 from latentdiff.train.shapes import HELD_OUT, make_sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,43 @@ def test_a_model_that_ignores_the_prompt_scores_low():
     scores = evaluate(FakePipeline("train", faithful=False), count=40, split="train")
     assert scores["color"] == scores["shape"] == scores["position"] == 0.0  # no shape found at all
     assert scores["background"] <= 0.25  # grey is no named colour: at most the nearest one, by chance
+
+
+class FakeAutoencoder:
+    """The two pipeline methods the autoencoder evaluation uses: encode_image keeps the pixels as
+    "latents" (blurred by `blur` pixels, as an autoencoder that loses outlines would), decode returns them."""
+
+    def __init__(self, blur: float):
+        self.config = SimpleNamespace(resolution=64)
+        self.blur, self.encoded = blur, []
+
+    def encode_image(self, image, gens):
+        self.encoded.append(image)
+        return pil_to_tensor(image.filter(ImageFilter.GaussianBlur(self.blur)) if self.blur else image)
+
+    def decode(self, latents):
+        return tensor_to_pil(latents), []
+
+
+def test_autoencoder_evaluation_scores_reconstructions_of_the_labels_renderings():
+    exact = FakeAutoencoder(blur=0)
+    scores = evaluate(exact, count=40, split="train", autoencoder=True)
+    assert all(scores[a] >= 39 / 40 for a in ("background", "color", "shape", "position")), scores
+    for i, (image, item) in enumerate(zip(exact.encoded, scores["items"])):  # each item's own rendering
+        rendering, _, label = make_sample(EVAL_SEED, i, 64, "train")
+        assert image.tobytes() == rendering.tobytes() and item["label"] == label
+    # A blurring autoencoder keeps backgrounds and places but loses outlines, small shapes first.
+    blurred = evaluate(FakeAutoencoder(blur=3), count=40, split="train", autoencoder=True)
+    assert min(blurred["background"], blurred["position"]) >= 39 / 40, blurred
+    assert blurred["shape"] <= scores["shape"] - 0.2, blurred
+    by_size = shape_by(blurred["items"], "size")
+    assert by_size["small"][0] / by_size["small"][1] < by_size["big"][0] / by_size["big"][1], by_size
+
+
+def test_shape_by_counts_right_shapes_per_label_value():
+    items = [{"label": {"size": size}, "correct": {"shape": right}}
+             for size, right in (("small", True), ("small", False), ("big", True))]
+    assert shape_by(items, "size") == {"big": (1, 1), "small": (1, 2)}
 
 
 def test_held_out_split_asks_only_for_held_out_pairs():
