@@ -17,7 +17,7 @@ from latentdiff.clip import TextEncoder, Tokenizer
 from latentdiff.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, config_to_dict
 from latentdiff.formats.single_file import read_single_file
 from latentdiff.train.__main__ import parse_args
-from latentdiff.train.autoencoder import autoencoder_stage, init_posterior_std
+from latentdiff.train.autoencoder import autoencoder_stage, balanced_l1, edge_l1, init_posterior_std
 from latentdiff.train.diffusion import DiffusionLoss, diffusion_stage, min_snr_weights, zero_init_residuals
 from latentdiff.train.ema import EMA
 from latentdiff.train.loop import StageRecipe, run_stage
@@ -73,7 +73,8 @@ def test_autoencoder_loss_decreases(tmp_path, accelerator):
     vae = AutoencoderKL(TINY.vae)
     init_posterior_std(vae, 0.01)
     recipe = StageRecipe(steps=60, batch_size=8, lr=1e-3, warmup=5, log_every=1)
-    stage = autoencoder_stage(vae, recipe, seed=0, image_size=32, low_res=16, low_res_steps=50, kl_weight=1e-4)
+    stage = autoencoder_stage(vae, recipe, seed=0, image_size=32, low_res=16, low_res_steps=50, kl_weight=1e-4,
+                              edge_weight=1.0)
     # Per-batch losses swing with the pictures (0.4 to 0.8); score 16 full-size images never trained on.
     unseen = stage.make_batch(recipe.steps, 1_000_000, 16, torch.Generator())
     with torch.no_grad():
@@ -83,10 +84,38 @@ def test_autoencoder_loss_decreases(tmp_path, accelerator):
         loss_after, parts_after = stage.module(unseen)
     assert len(logged_losses(tmp_path, "vae")) == 60
     # A random decoder outputs ~0: an error of mean |x|, 0.72 here. Autoencoders start slowly (flat colours
-    # first). Measured after these 60 steps: objective 0.707 -> 0.596, plain L1 0.722 -> 0.668. One that
-    # does not learn stays where it started or drifts up.
-    assert loss_after < loss_before - 0.05, (loss_before, loss_after)
-    assert parts_after["l1"] < parts_before["l1"] - 0.02, (parts_before["l1"], parts_after["l1"])
+    # first, then outlines). Measured after these 60 steps: objective 1.268 -> 1.078, edge L1 0.562 ->
+    # 0.434, plain L1 0.722 -> 0.699 (0.722 -> 0.668 before the edge term took its share of the gradient).
+    # One that does not learn stays where it started or drifts up.
+    assert loss_after < loss_before - 0.1, (loss_before, loss_after)
+    assert parts_after["edge"] < parts_before["edge"] - 0.05, (parts_before["edge"], parts_after["edge"])
+    assert parts_after["l1"] < parts_before["l1"] - 0.01, (parts_before["l1"], parts_after["l1"])
+
+
+def test_balanced_l1_weighs_a_small_shape_as_much_as_a_big_one():
+    # Two 32 px pictures on one background: a 4x4 square and a 16x16 square.
+    images = torch.full((2, 3, 32, 32), -1.0)
+    images[0, :, 14:18, 14:18] = images[1, :, 8:24, 8:24] = 1.0
+    on_shape = (images > 0).float()
+    for k in (0, 1):  # an error of 0.4 on every pixel of one image's shape, none elsewhere
+        recon = images - 0.4 * on_shape * (torch.arange(2) == k).view(2, 1, 1, 1)
+        # That image's shape half is 0.4, its background half 0, the other image 0: (0.4 / 2) / 2 images.
+        assert balanced_l1(recon, images).item() == pytest.approx(0.1), k
+    # The background half: 0.2 everywhere off the shape of image 0 costs it 0.1, whatever the shape's size.
+    assert balanced_l1(images + 0.2 * (1 - on_shape) * (torch.arange(2) == 0).view(2, 1, 1, 1), images).item() == pytest.approx(0.05)
+
+
+def test_edge_l1_counts_only_outlines_and_each_image_alike():
+    images = torch.full((2, 3, 32, 32), -1.0)
+    images[0, :, 14:18, 14:18] = images[1, :, 8:24, 8:24] = 1.0  # a 4x4 and a 16x16 square
+    assert edge_l1(images, images).item() == 0
+    assert edge_l1(images + 0.3, images).item() == pytest.approx(0, abs=1e-6)  # flat errors: the pixel L1's job
+    # A blurred outline halves each step across it (2 -> 1 here): the edge error is about 1 per edge pixel,
+    # alike for both images although the big square's outline is four times longer.
+    blurred = torch.nn.functional.avg_pool2d(images, 2, stride=1, padding=1, count_include_pad=False)[..., 1:, 1:]
+    per_image = [edge_l1(blurred[i:i + 1], images[i:i + 1]).item() for i in (0, 1)]
+    assert per_image[0] == pytest.approx(per_image[1], rel=0.2) and per_image[0] > 0.5, per_image
+    assert edge_l1(blurred, images).item() == pytest.approx(sum(per_image) / 2)
 
 
 def test_text_encoder_contrastive_loss_decreases(tmp_path, tokenizer, accelerator):
