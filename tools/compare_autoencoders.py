@@ -12,7 +12,6 @@ and position, with the shape also per size and per shape.
 """
 
 import argparse
-import collections
 import dataclasses
 import json
 import multiprocessing
@@ -28,6 +27,7 @@ from latentdiff.config import preset
 from latentdiff.images import tensor_to_pil
 from latentdiff.train.analyze import analyze, score
 from latentdiff.train.autoencoder import autoencoder_stage, init_posterior_std
+from latentdiff.train.evaluate import shape_by
 from latentdiff.train.loop import draw_images, run_stage
 from latentdiff.train.recipe import Recipe, with_overrides
 from latentdiff.vae import AutoencoderKL
@@ -59,15 +59,14 @@ def measure(variant: list[str], shared: list[str], images: int) -> dict:
     with torch.no_grad():
         recon = vae.eval().decode(vae.encode(originals).mean).float().clamp(-1, 1)
     correct = [score(label, analyze(image)) for label, image in zip(labels, tensor_to_pil(recon))]
-    shape_by = collections.defaultdict(list)
-    for label, c in zip(labels, correct):
-        shape_by[label["size"]].append(c["shape"])
-        shape_by[label["shape"]].append(c["shape"])
+    items = [{"label": label, "correct": c} for label, c in zip(labels, correct)]
+    shape_kept = {value: round(right / total, 3) for key in ("size", "shape")
+                  for value, (right, total) in shape_by(items, key).items()}
     return {"variant": " ".join(variant) or "(recipe)", "downsample_factor": vae_config.downsample_factor,
             "steps": recipe.vae.steps, "train_seconds": round(seconds, 1),
             "l1": round((recon - originals).abs().mean().item(), 4),
             **{a: float(np.mean([c[a] for c in correct])) for a in ("background", "color", "shape", "position")},
-            "shape_by": {k: round(float(np.mean(v)), 3) for k, v in sorted(shape_by.items())}}
+            "shape_by": shape_kept}
 
 
 def main() -> None:
