@@ -97,12 +97,13 @@ def test_balanced_l1_weighs_a_small_shape_as_much_as_a_big_one():
     images = torch.full((2, 3, 32, 32), -1.0)
     images[0, :, 14:18, 14:18] = images[1, :, 8:24, 8:24] = 1.0
     on_shape = (images > 0).float()
+    only = [(torch.arange(2) == k).view(2, 1, 1, 1) for k in (0, 1)]  # masks selecting image k
     for k in (0, 1):  # an error of 0.4 on every pixel of one image's shape, none elsewhere
-        recon = images - 0.4 * on_shape * (torch.arange(2) == k).view(2, 1, 1, 1)
+        recon = images - 0.4 * on_shape * only[k]
         # That image's shape half is 0.4, its background half 0, the other image 0: (0.4 / 2) / 2 images.
         assert balanced_l1(recon, images).item() == pytest.approx(0.1), k
     # The background half: 0.2 everywhere off the shape of image 0 costs it 0.1, whatever the shape's size.
-    assert balanced_l1(images + 0.2 * (1 - on_shape) * (torch.arange(2) == 0).view(2, 1, 1, 1), images).item() == pytest.approx(0.05)
+    assert balanced_l1(images + 0.2 * (1 - on_shape) * only[0], images).item() == pytest.approx(0.05)
 
 
 def test_edge_l1_counts_only_outlines_and_each_image_alike():
