@@ -40,8 +40,9 @@ def read_cpuinfo() -> str:
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether bf16 matmuls run in hardware here (Intel AMX or AVX512-BF16), where bf16 weights are ~3x
-    faster than fp32. Without them PyTorch emulates bf16 and it is slower than fp32. `cpuinfo` is the text of
+    """Whether bf16 matmuls run in hardware here (Intel AMX or AVX512-BF16), where a bf16 SD U-Net step is
+    ~3x (AMX) or ~2x (AVX512-BF16 alone) faster than fp32 (benchmarks/cpu.md). Without them PyTorch
+    emulates bf16 and it is slower than fp32. `cpuinfo` is the text of
     /proc/cpuinfo, read now when not given."""
     if cpuinfo is None:
         cpuinfo = read_cpuinfo()
