@@ -42,8 +42,8 @@ def read_cpuinfo() -> str:
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether bf16 matmuls run in hardware here (Intel AMX or AVX512-BF16), where a bf16 SD U-Net step is
     ~3x (AMX) or ~2x (AVX512-BF16 alone) faster than fp32 (benchmarks/cpu.md). Without them PyTorch
-    emulates bf16 and it is slower than fp32. `cpuinfo` is the text of
-    /proc/cpuinfo, read now when not given."""
+    emulates bf16 and it is slower than fp32. `cpuinfo` is the text of /proc/cpuinfo, read now when not
+    given."""
     if cpuinfo is None:
         cpuinfo = read_cpuinfo()
     return any(flag in cpu_flags(cpuinfo) for flag in NATIVE_BF16_FLAGS)
@@ -83,9 +83,10 @@ class PackedConv2d:
     """A Conv2d's forward with its weight kept in oneDNN's blocked layout. PyTorch's eager convolution
     reorders the weight into that layout on every call: for SD's 1280-channel layers at small latent sizes
     the reorder costs as much as the convolution (a bf16 U-Net step at 256 px: ~30% of its time, measured
-    in benchmarks/cpu.md). Same kernel, same numbers (on an AMD EPYC, fp32 1x1 convolutions differ in the
-    last bit: oneDNN picks another algorithm for the eager call). The packed copy is redone when the weight
-    changes (new tensor, in-place update, dtype); with gradients on, the plain convolution runs."""
+    in benchmarks/cpu.md). Same numbers: bit for bit on the AMX machines; on an AMD EPYC fp32 1x1
+    convolutions differ in the last bit, as oneDNN picks another algorithm for the eager call. The packed
+    copy is redone when the weight changes (new tensor, in-place update, dtype); with gradients on, the
+    plain convolution runs."""
 
     def __init__(self, conv: nn.Conv2d):
         self.conv = conv

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from PIL import Image, ImageFilter
 
 from latentdiff.images import pil_to_tensor, tensor_to_pil
-from latentdiff.train.evaluate import EVAL_SEED, evaluate, full_caption, shape_by
+from latentdiff.train.evaluate import ATTRIBUTES, EVAL_SEED, evaluate, full_caption, shape_by
 from latentdiff.train.shapes import HELD_OUT, make_sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def test_a_faithful_model_scores_near_everything_and_captions_name_every_attribu
     pipeline = FakePipeline("train", faithful=True)
     scores = evaluate(pipeline, count=40, split="train")
     # The analyzer reads clean renderings right (tests/test_shapes.py); allow one miss in 40 per attribute.
-    assert all(scores[a] >= 39 / 40 for a in ("background", "color", "shape", "position")), scores
+    assert all(scores[a] >= 39 / 40 for a in ATTRIBUTES), scores
     for caption, item in zip(pipeline.captions, scores["items"]):
         label = item["label"]
         for word in (label["shape"], label["color"], label["background"], label["size"]):
@@ -67,7 +67,7 @@ class FakeAutoencoder:
 def test_autoencoder_evaluation_scores_reconstructions_of_the_labels_renderings():
     exact = FakeAutoencoder(blur=0)
     scores = evaluate(exact, count=40, split="train", autoencoder=True)
-    assert all(scores[a] >= 39 / 40 for a in ("background", "color", "shape", "position")), scores
+    assert all(scores[a] >= 39 / 40 for a in ATTRIBUTES), scores
     for i, (image, item) in enumerate(zip(exact.encoded, scores["items"])):  # each item's own rendering
         rendering, _, label = make_sample(EVAL_SEED, i, 64, "train")
         assert image.tobytes() == rendering.tobytes() and item["label"] == label

@@ -27,7 +27,7 @@ from latentdiff.config import preset
 from latentdiff.images import tensor_to_pil
 from latentdiff.train.analyze import analyze, score
 from latentdiff.train.autoencoder import autoencoder_stage, init_posterior_std
-from latentdiff.train.evaluate import shape_by
+from latentdiff.train.evaluate import ATTRIBUTES, shape_by
 from latentdiff.train.loop import draw_images, run_stage
 from latentdiff.train.recipe import Recipe, with_overrides
 from latentdiff.vae import AutoencoderKL
@@ -65,7 +65,7 @@ def measure(variant: list[str], shared: list[str], images: int) -> dict:
     return {"variant": " ".join(variant) or "(recipe)", "downsample_factor": vae_config.downsample_factor,
             "steps": recipe.vae.steps, "train_seconds": round(seconds, 1),
             "l1": round((recon - originals).abs().mean().item(), 4),
-            **{a: float(np.mean([c[a] for c in correct])) for a in ("background", "color", "shape", "position")},
+            **{a: float(np.mean([c[a] for c in correct])) for a in ATTRIBUTES},
             "shape_by": shape_kept}
 
 
