@@ -3,13 +3,16 @@
 Nothing here runs at import. What is on by default (measured on CPU, see benchmarks/cpu.md):
 SDPA attention everywhere (layers.attention), classifier-free guidance as one batched U-Net call
 (denoisers.CFGDenoiser), bf16 weights with channels_last, pre-packed convolutions on CPUs with native bf16
-matmuls (AMX / AVX512-BF16), fp16 and fused q/k/v projections on CUDA. Off by default, for the cases that
-need them: sliced attention (a backend without fused SDPA kernels), tiled VAE (latentdiff.tiling; very
-large images), torch.compile (pays minutes up front).
+matmuls (AMX / AVX512-BF16), freed memory kept for reuse while sampling on CPU (glibc), fp16 and fused
+q/k/v projections on CUDA. Off by default, for the cases that need them: sliced attention (a backend
+without fused SDPA kernels), tiled VAE (latentdiff.tiling; very large images), torch.compile (pays
+minutes up front).
 """
 
+import ctypes
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -180,6 +183,47 @@ def use_huge_pages() -> None:
     the step is ~5% faster (benchmarks/cpu.md). Peak memory is unchanged. Linux only; where huge pages
     are disabled ("never") the request is ignored."""
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+
+
+GLIBC_DEFAULTS = {"M_TRIM_THRESHOLD": 128 * 1024, "M_MMAP_MAX": 65536}  # malloc/malloc.c
+MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_MAX": -4}  # the parameter numbers of glibc's malloc.h
+
+
+def glibc():
+    """The C library as a ctypes handle if it is glibc (it has mallopt and malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL(None)  # the symbols the process already has
+    except (OSError, TypeError):  # TypeError: Windows wants a library name
+        return None
+    return libc if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")) else None
+
+
+@contextmanager
+def keep_freed_memory():
+    """While the block runs, freed memory stays in the process for the next allocation instead of going
+    back to the kernel; on exit it is returned (malloc_trim) and glibc's default settings are back (though,
+    as after any mallopt call, glibc no longer adapts its mmap threshold).
+
+    Why: PyTorch's CPU convolution reorders its fp32 weight into oneDNN's blocked layout in a fresh buffer
+    on every call (56-112 MiB for SD's 1280-channel layers). glibc maps blocks that large afresh and unmaps
+    them when freed, so each sampling step faults in ~1.8 GB of new pages that the kernel zeroes first
+    (464k faults per SD 1.5 step at 256 px with 4 KiB pages); the step was 10-20% slower for it. With
+    mmap off (M_MMAP_MAX 0) and no trimming, those blocks are reused from the heap: no faults. Only around
+    sampling: kept over the VAE decode as well, the peak RSS rose by ~0.25 GiB for no speed
+    (benchmarks/cpu.md). The setting is the whole process's while the block runs (glibc has one). Without
+    glibc (macOS, musl) nothing changes."""
+    libc = glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(MALLOPT["M_MMAP_MAX"], 0)
+    libc.mallopt(MALLOPT["M_TRIM_THRESHOLD"], ctypes.c_int(2**31 - 1))
+    try:
+        yield
+    finally:
+        for name, value in GLIBC_DEFAULTS.items():
+            libc.mallopt(MALLOPT[name], value)
+        libc.malloc_trim(0)
 
 
 def set_threads(threads: int | None) -> int:

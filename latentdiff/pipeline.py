@@ -3,7 +3,7 @@
 import inspect
 import logging
 import secrets
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,16 +42,19 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 class Pipeline:
-    """Speed and memory options (all off by default except the dtype / memory layout choice):
+    """Speed and memory options (off by default except the dtype / memory layout choice and the last):
     `vae_tiling` "auto" | "on" | "off": decode and encode in overlapping tiles ("auto": above 1024x1024 px);
     `attention_slice`: sliced attention with query blocks of that many tokens (None: off);
     `compile`: torch.compile the U-Net, falling back to eager if compiling fails;
-    `offload` (CUDA only): text encoder and VAE wait on the CPU and visit the GPU only while they run."""
+    `offload` (CUDA only): text encoder and VAE wait on the CPU and visit the GPU only while they run;
+    `keep_freed_memory` (CPU; on by default): sampling reuses freed memory instead of fresh pages from the
+    kernel (fastpaths.keep_freed_memory)."""
 
     def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None,
                  vae_tiling: str = "auto", attention_slice: int | None = None, compile: bool = False,
-                 offload: bool = False):
+                 offload: bool = False, keep_freed_memory: bool = True):
         self.model = model
+        self.keep_freed_memory = keep_freed_memory
         self.source = Path(source) if source else None
         self.vae_tiling = check_tiling_mode(vae_tiling)
         fastpaths.set_attention_slicing(model, attention_slice)
@@ -215,7 +218,10 @@ class Pipeline:
         noise = lambda sigma, sigma_next: self._randn(gens, shape)  # noqa: E731
         if sample_fn is sample_dpmpp_sde:  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
-        x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
+        keep = self.keep_freed_memory and self.device.type == "cpu"
+        with fastpaths.keep_freed_memory() if keep else nullcontext():
+            x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise,
+                          **options)
         bar.close()
         images, notes = self.decode(x)
         return Result(images=images, seeds=seeds, latents=x if return_latents else None, notes=notes)

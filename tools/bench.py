@@ -18,7 +18,10 @@ options: autocast (fp32 weights, compute in DTYPE under torch.autocast), tile (t
 slice (sliced attention), channels_last / nchw (U-Net and VAE convs in NHWC / NCHW; ours defaults to
 latentdiff.fastpaths' choice, NHWC for CPU bf16; diffusers to NCHW), small_pages (ours on CPU without
 fastpaths.use_huge_pages), unpacked (ours on CPU bf16 without fastpaths.prepack_convolutions), fused /
-unfused (ours with / without fastpaths.fuse_projections; default: fused on CUDA only).
+unfused (ours with / without fastpaths.fuse_projections; default: fused on CUDA only), release_memory (ours on
+CPU without fastpaths.keep_freed_memory around sampling), keep_memory (diffusers inside
+fastpaths.keep_freed_memory for the whole generation: its U-Net steps without page faults whatever its heap
+layout, see benchmarks/cpu.md).
 
     python tools/bench.py --size 512 --steps 4                        # ours:fp32 vs diffusers:fp32
     python tools/bench.py --size 256 --sides ours:fp32 diffusers:fp32 ours:bf16 ours:fp32+autocast
@@ -46,7 +49,8 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry, low quality"
 CFG_SCALE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIONS = ("autocast", "tile", "slice", "channels_last", "nchw", "small_pages", "unpacked", "fused", "unfused")
+OPTIONS = ("autocast", "tile", "slice", "channels_last", "nchw", "small_pages", "unpacked", "fused", "unfused",
+           "release_memory", "keep_memory")
 ATTENTION_CHUNK = 1024  # query tokens per block with +slice
 METRICS = [("text", "text encode s"), ("step", "U-Net step (CFG) s"), ("decode", "VAE decode s"),
            ("e2e", "end to end s"), ("step_cpu", "U-Net step CPU s"), ("e2e_cpu", "end to end CPU s"),
@@ -164,7 +168,8 @@ def load_side(side: dict, folder: Path, device: torch.device):
 
         pipe = Pipeline.from_pretrained(folder, device=device, dtype=weights,
                                         vae_tiling="on" if "tile" in side["options"] else "off",
-                                        attention_slice=ATTENTION_CHUNK if "slice" in side["options"] else None)
+                                        attention_slice=ATTENTION_CHUNK if "slice" in side["options"] else None,
+                                        keep_freed_memory="release_memory" not in side["options"])
         unet, text, vae = pipe.model.unet, pipe.model.text_encoder, pipe.model.vae
         # the pipeline's layout choice (channels_last for CPU bf16) unless a side says otherwise
         for option, channels_last in (("channels_last", True), ("nchw", False)):
@@ -183,6 +188,8 @@ def load_side(side: dict, folder: Path, device: torch.device):
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+        from latentdiff.fastpaths import keep_freed_memory
+
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=weights, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
         # latentdiff's folders (clip.Tokenizer.save) leave model_max_length unset (1e30), which the fast
@@ -200,9 +207,10 @@ def load_side(side: dict, folder: Path, device: torch.device):
 
         def generate(args, seed, steps):
             gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.batch_size)]
-            return pipe(PROMPT, negative_prompt=NEGATIVE, height=args.size, width=args.size,
-                        num_inference_steps=steps, guidance_scale=CFG_SCALE, generator=gens,
-                        num_images_per_prompt=args.batch_size).images
+            with keep_freed_memory() if "keep_memory" in side["options"] else nullcontext():
+                return pipe(PROMPT, negative_prompt=NEGATIVE, height=args.size, width=args.size,
+                            num_inference_steps=steps, guidance_scale=CFG_SCALE, generator=gens,
+                            num_images_per_prompt=args.batch_size).images
         if "channels_last" in side["options"]:
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
