@@ -360,7 +360,7 @@ def test_huge_pages_for_big_allocations():
 
 
 KEPT_MEMORY_PROBE = """
-import resource, sys, torch
+import resource, torch
 from latentdiff import fastpaths
 
 def faults_to_refill():  # a 64 MiB block filled and freed, then the faults of filling a new 48 MiB one
@@ -376,7 +376,8 @@ print(outside, inside, faults_to_refill())
 """
 
 
-@pytest.mark.skipif(fastpaths.glibc() is None, reason="keep_freed_memory changes glibc's malloc; this C library is not glibc")
+@pytest.mark.skipif(fastpaths.glibc() is None,
+                    reason="keep_freed_memory changes glibc's malloc; this C library is not glibc")
 def test_freed_memory_is_reused_while_kept():
     """Blocks above glibc's largest mmap threshold (32 MiB) are normally mapped afresh, so filling a 48 MiB
     block faults in 12288 new 4 KiB pages; inside keep_freed_memory it reuses the pages of the 64 MiB block
@@ -394,7 +395,7 @@ def test_freed_memory_is_reused_while_kept():
 
 
 def test_sampling_runs_with_freed_memory_kept(monkeypatch):
-    """The pipeline keeps freed memory during sampling on CPU only: the U-Net runs inside
+    """The CPU pipeline keeps freed memory during sampling: the U-Net runs inside
     keep_freed_memory, the VAE decode after it; keep_freed_memory=False leaves malloc alone."""
     log = []
 
