@@ -10,6 +10,7 @@ minutes up front).
 """
 
 import ctypes
+import functools
 import logging
 import os
 from contextlib import contextmanager
@@ -185,10 +186,11 @@ def use_huge_pages() -> None:
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
 
 
-GLIBC_DEFAULTS = {"M_TRIM_THRESHOLD": 128 * 1024, "M_MMAP_MAX": 65536}  # malloc/malloc.c
-MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_MAX": -4}  # the parameter numbers of glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults (malloc/malloc.c)
 
 
+@functools.cache
 def glibc():
     """The C library as a ctypes handle if it is glibc (it has mallopt and malloc_trim), else None."""
     try:
@@ -216,13 +218,13 @@ def keep_freed_memory():
     if libc is None:
         yield
         return
-    libc.mallopt(MALLOPT["M_MMAP_MAX"], 0)
-    libc.mallopt(MALLOPT["M_TRIM_THRESHOLD"], ctypes.c_int(2**31 - 1))
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
     try:
         yield
     finally:
-        for name, value in GLIBC_DEFAULTS.items():
-            libc.mallopt(MALLOPT[name], value)
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
 
 
