@@ -92,10 +92,15 @@ def test_autoencoder_loss_decreases(tmp_path, accelerator):
     assert parts_after["l1"] < parts_before["l1"] - 0.01, (parts_before["l1"], parts_after["l1"])
 
 
-def test_balanced_l1_weighs_a_small_shape_as_much_as_a_big_one():
-    # Two 32 px pictures on one background: a 4x4 square and a 16x16 square.
+def two_squares() -> torch.Tensor:
+    """Two 32 px pictures on one background: a 4x4 square and a 16x16 square."""
     images = torch.full((2, 3, 32, 32), -1.0)
     images[0, :, 14:18, 14:18] = images[1, :, 8:24, 8:24] = 1.0
+    return images
+
+
+def test_balanced_l1_weighs_a_small_shape_as_much_as_a_big_one():
+    images = two_squares()
     on_shape = (images > 0).float()
     only = [(torch.arange(2) == k).view(2, 1, 1, 1) for k in (0, 1)]  # masks selecting image k
     for k in (0, 1):  # an error of 0.4 on every pixel of one image's shape, none elsewhere
@@ -107,8 +112,7 @@ def test_balanced_l1_weighs_a_small_shape_as_much_as_a_big_one():
 
 
 def test_edge_l1_counts_only_outlines_and_each_image_alike():
-    images = torch.full((2, 3, 32, 32), -1.0)
-    images[0, :, 14:18, 14:18] = images[1, :, 8:24, 8:24] = 1.0  # a 4x4 and a 16x16 square
+    images = two_squares()
     assert edge_l1(images, images).item() == 0
     assert edge_l1(images + 0.3, images).item() == pytest.approx(0, abs=1e-6)  # flat errors: the pixel L1's job
     # A blurred outline halves each step across it (2 -> 1 here): the edge error is about 1 per edge pixel,
