@@ -1,11 +1,13 @@
 """Fast paths: sliced attention, tiled VAE, dtype choice from CPU flags, the guarded compile, no host
-syncs in the sampling loop, and the side-by-side benchmark's smoke run."""
+syncs in the sampling loop, the side-by-side benchmark's smoke run and the CPU ceiling tool."""
 
+import json
 import logging
 import math
 import os
 import re
 import resource
+import runpy
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -682,3 +684,35 @@ def test_bench_refuses_a_missing_cuda_device(tmp_path):
         assert done.returncode == 0 and "ratio U-Net step" in done.stdout, done.stderr[-2000:]
     else:
         assert done.returncode == 1 and "--device cuda, but PyTorch sees no CUDA device" in done.stderr
+
+
+# -- the CPU ceiling tool ---------------------------------------------------------------------------------
+
+def test_ceiling_counts_on_meta_what_a_real_step_computes():
+    """tools/cpu_ceiling.py counts a step's FLOPs on the meta device; a real forward (attention through the
+    math backend, so its two matrix products are visible to the counter) must count the same."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    step_flops = runpy.run_path(str(ROOT / "tools" / "cpu_ceiling.py"))["step_flops"]
+    torch.manual_seed(0)
+    unet = UNet(TINY_UNET).eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        unet(randn(2, 4, 8, 8), torch.full((2,), 500.0), randn(2, 77, 16))
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts.get("aten.bmm", 0) > 0 and counts.get("aten.convolution", 0) > 0  # attention and convs seen
+    assert step_flops(TINY_UNET, 64) == counter.get_total_flops()
+
+
+def test_ceiling_reads_bench_figures(tmp_path):
+    figures = {"reference": "diffusers:fp32",
+               "median": {"diffusers:fp32": {"step": 3.0}, "ours:bf16": {"step": 1.0}}}
+    (tmp_path / "bench.json").write_text(json.dumps(figures))
+    cmd = [sys.executable, str(ROOT / "tools" / "cpu_ceiling.py"), "--size", "64", "--threads", "1",
+           "--bench", str(tmp_path / "bench.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    flops = float(re.search(r"U-Net CFG step ([\d.]+) GFLOP", done.stdout).group(1))
+    bf16_bound = float(re.search(r"bf16: best throughput \d+ GFLOP/s \(GEMM \d+, conv \d+\) -> a step takes >= ([\d.]+) s", done.stdout).group(1))
+    assert re.search(rf"ours:bf16: step 1.000 s = {flops:.0f} GFLOP/s", done.stdout), done.stdout
+    best = float(re.search(r"would be ([\d.]+)x faster than diffusers:fp32", done.stdout).group(1))
+    assert best == pytest.approx(3.0 / bf16_bound, rel=0.02)
