@@ -9,12 +9,14 @@ interpolating in log sigma (fractional between training steps), and turns the pr
 import torch
 
 from .errors import InputError
+from .fastpaths import to_device
 from .schedules import sigma_to_t, training_sigmas
 
 
 def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
-    """sigma as a (batch,) tensor on x's device: samplers pass one sigma for the whole batch."""
-    sigma = torch.as_tensor(sigma, device=x.device)
+    """sigma as a (batch,) tensor: samplers pass one sigma for the whole batch. It stays where it is (the
+    samplers' sigmas are on the host; DiscreteDenoiser moves what the network needs without a sync)."""
+    sigma = torch.as_tensor(sigma)
     sigma = sigma if sigma.is_floating_point() else sigma.float()
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
@@ -32,24 +34,16 @@ class DiscreteDenoiser:
         self.model = model
         self.prediction = prediction
         self.quantize = quantize
-        self.sigmas = training_sigmas(alphas_cumprod.float())  # on alphas_cumprod's device
-        self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
+        # on the host, like the samplers' sigmas: each step's timestep is found there, with no GPU sync
+        self.log_sigmas = training_sigmas(alphas_cumprod.float()).cpu().log()
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma_to_t(sigma.to(self.log_sigmas.device), self.log_sigmas, self.quantize)
 
     def __call__(self, x: torch.Tensor, sigma, context=None) -> torch.Tensor:
         sigma = _per_sample(sigma, x)
-        t = self.sigma_to_t(sigma).to(x.device)
-        s = sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        t = to_device(self.sigma_to_t(sigma), x.device)
+        s = to_device(sigma, x.device).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
         out = self.model(x / (s**2 + 1) ** 0.5, t, context)
         if self.prediction == "eps":
             return x - s * out

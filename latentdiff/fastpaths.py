@@ -228,6 +228,15 @@ def keep_freed_memory():
         libc.malloc_trim(0)
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t.to(device)` without making the host wait for the GPU: a copy from ordinary (pageable) host memory
+    synchronises with the GPU's queue (cudaStreamSynchronize), one from pinned memory is queued like a
+    kernel. The sampling loop's per-step timesteps, sigmas and noise reach the GPU this way."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def set_threads(threads: int | None) -> int:
     """Intra-op threads for CPU work; None keeps PyTorch's choice (one per physical core). Fewer threads
     than cores win when other processes keep the cores busy: an OpenMP barrier waits for its slowest,

@@ -140,7 +140,8 @@ class Pipeline:
         return [torch.Generator(noise_device).manual_seed(s) for s in seeds]
 
     def _randn(self, gens: list[torch.Generator], shape: tuple) -> torch.Tensor:
-        return torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens]).to(self.device)
+        return fastpaths.to_device(torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens]),
+                                   self.device)
 
     def _denoiser(self, cond, uncond, cfg_scale):
         dtype = self.dtype
@@ -149,7 +150,7 @@ class Pipeline:
         def network(x, t, context):  # latents stay fp32 between steps; the network runs in the model dtype
             return unet(x.to(dtype), t, context.to(dtype)).float()
 
-        acp = alphas_cumprod_for(self.config).to(self.device)
+        acp = alphas_cumprod_for(self.config)  # on the host, as the sigmas
         base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
         return CFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
 
@@ -195,7 +196,7 @@ class Pipeline:
         uncond = self.encode_prompt([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
         denoiser, extra_args, acp = self._denoiser(cond, uncond, cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
-        sigmas = make_sigmas(schedule or default_schedule, steps, acp.cpu())
+        sigmas = make_sigmas(schedule or default_schedule, steps, acp)
 
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.in_channels, height // f, width // f)

@@ -482,7 +482,7 @@ PER_STEP_READS = {"Euler a", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE
 
 @pytest.mark.parametrize("name", [n for n in sampling.sampler_names() if n not in PER_STEP_READS])
 def test_sampling_loop_reads_nothing_back_per_step(name):
-    """The pipeline's setting (sigmas on the model's device, CFG + discrete denoiser around a U-Net): the
+    """The pipeline's setting (sigmas on the host, CFG + discrete denoiser around a U-Net): the
     number of host reads must not grow with the number of steps (validation before the loop may read)."""
     sample, schedule = sampling.resolve_sampler(name)
     acp = alphas_cumprod_for(preset("sd1"))
