@@ -21,7 +21,8 @@ fastpaths.use_huge_pages), unpacked (ours on CPU bf16 without fastpaths.prepack_
 unfused (ours with / without fastpaths.fuse_projections; default: fused on CUDA only), release_memory (ours on
 CPU without fastpaths.keep_freed_memory around sampling), keep_memory (diffusers inside
 fastpaths.keep_freed_memory for the whole generation: its U-Net steps without page faults whatever its heap
-layout, see benchmarks/cpu.md).
+layout, see benchmarks/cpu.md), compile (ours with the U-Net under torch.compile, CUDA graphs on CUDA: give it
+--warmup 2, as compiling and recording the graphs take the first calls and the timed run should replay).
 
     python tools/bench.py --size 512 --steps 4                        # ours:fp32 vs diffusers:fp32
     python tools/bench.py --size 256 --sides ours:fp32 diffusers:fp32 ours:bf16 ours:fp32+autocast
@@ -50,7 +51,7 @@ NEGATIVE = "blurry, low quality"
 CFG_SCALE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIONS = ("autocast", "tile", "slice", "channels_last", "nchw", "small_pages", "unpacked", "fused", "unfused",
-           "release_memory", "keep_memory")
+           "release_memory", "keep_memory", "compile")
 ATTENTION_CHUNK = 1024  # query tokens per block with +slice
 METRICS = [("text", "text encode s"), ("step", "U-Net step (CFG) s"), ("decode", "VAE decode s"),
            ("e2e", "end to end s"), ("step_cpu", "U-Net step CPU s"), ("e2e_cpu", "end to end CPU s"),
@@ -169,7 +170,8 @@ def load_side(side: dict, folder: Path, device: torch.device):
         pipe = Pipeline.from_pretrained(folder, device=device, dtype=weights,
                                         vae_tiling="on" if "tile" in side["options"] else "off",
                                         attention_slice=ATTENTION_CHUNK if "slice" in side["options"] else None,
-                                        keep_freed_memory="release_memory" not in side["options"])
+                                        keep_freed_memory="release_memory" not in side["options"],
+                                        compile="compile" in side["options"])
         unet, text, vae = pipe.model.unet, pipe.model.text_encoder, pipe.model.vae
         # the pipeline's layout choice (channels_last for CPU bf16) unless a side says otherwise
         for option, channels_last in (("channels_last", True), ("nchw", False)):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 6's GPU checks in one command, for a session that is lent a GPU: the CUDA tests, then the
+# benchmark at the issue's settings (SD 1.5 size, 512x512, 50 Euler steps, CFG 7.5, batch 1, fp16) with
+# ours eager, ours compiled (CUDA graphs) and diffusers eager (SDPA) side by side.
+#
+# The lent machines have PyTorch but not diffusers; carry it (and the transformers version of
+# pyproject.toml) as wheels, fetched here once (.whl/ is git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 transformers==5.23.0 importlib_metadata
+# then, through the device tool, from the repo root:
+#   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=580)
+# `bash tools/gpu_check.sh tests` or `... bench` runs one half. Results land in $OUT (device.txt,
+# tests.txt, gpu-512-fp16.txt and .json); commit them under benchmarks/ with the figures in a note.
+set -uo pipefail
+what=${1:-all}
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
+'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'GPU', torch.cuda.get_device_name())"
+} 2>&1 | tee "$out/device.txt"
+
+if [[ $what == all || $what == tests ]]; then
+    # the CUDA tests, the offload test and the benchmark's CUDA smoke run (test_fastpaths: *cuda*, *offload*)
+    timeout 150 python3 -m pytest -q -rs tests/test_cuda.py tests/test_fastpaths.py -k "cuda or offload" 2>&1 |
+        tee "$out/tests.txt"
+fi
+if [[ $what == all || $what == bench ]]; then
+    # the first call writes the random SD 1.5 weights (4.3 GB) to the cache folder; per-round lines print
+    # as they come, so a run cut short still shows its figures
+    timeout 380 python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 --repeats 2 \
+        --sides ours:fp16 diffusers:fp16 ours:fp16+compile --cache-dir /tmp/latentdiff-bench \
+        --json "$out/gpu-512-fp16.json" 2>&1 | tee "$out/gpu-512-fp16.txt"
+fi
