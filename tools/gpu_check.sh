@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU checks in one command, for a session that is lent a GPU: the CUDA tests, then the
 # benchmark at the issue's settings (SD 1.5 size, 512x512, 50 Euler steps, CFG 7.5, batch 1, fp16) with
-# ours eager, ours compiled (CUDA graphs) and diffusers eager (SDPA) side by side.
+# ours eager, ours compiled (CUDA graphs; NCHW and NHWC convolutions) and diffusers eager (SDPA) side by side.
 #
 # The lent machines have PyTorch but not diffusers; carry it (and the transformers version of
 # pyproject.toml) as wheels, fetched here once (.whl/ is git-ignored):
@@ -36,7 +36,9 @@ fi
 if [[ $what == all || $what == bench ]]; then
     # the first call writes the random SD 1.5 weights (4.3 GB) to the cache folder; per-round lines print
     # as they come, so a run cut short still shows its figures
-    timeout 380 python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 --repeats 2 \
-        --sides ours:fp16 diffusers:fp16 ours:fp16+compile --cache-dir /tmp/latentdiff-bench \
+    # (one round: each compiled side spends a minute or two compiling, and the device time is short)
+    timeout 380 python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 --repeats 1 \
+        --sides ours:fp16 diffusers:fp16 ours:fp16+compile ours:fp16+compile+channels_last \
+        --cache-dir /tmp/latentdiff-bench \
         --json "$out/gpu-512-fp16.json" 2>&1 | tee "$out/gpu-512-fp16.txt"
 fi
