@@ -36,10 +36,13 @@ def test_fp16_on_cuda_is_the_default_and_close_to_fp32(cpu_fp32_image):
     assert psnr(result.images[0], cpu_fp32_image) >= REDUCED_PRECISION_PSNR
 
 
-def test_fp32_on_cuda_matches_the_cpu(cpu_fp32_image):
-    # cuDNN may run fp32 convolutions in TF32 (PyTorch's default), so not bit for bit: 1/255 or so
+def test_fp32_on_cuda_matches_the_cpu(cpu_fp32_image, monkeypatch):
+    # full fp32 (cuDNN's convolutions default to TF32): only summation order differs, so the uint8 images
+    # may differ by a rounding step, as in the CPU parity tests against diffusers
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     image = Pipeline(tiny_model(SD1), device="cuda", dtype=torch.float32).txt2img(PROMPT, **FAST).images[0]
-    assert np.abs(np.asarray(image, dtype=int) - np.asarray(cpu_fp32_image, dtype=int)).max() <= 2
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(cpu_fp32_image, dtype=int)).max() <= 1
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M Karras", "DDIM"])
