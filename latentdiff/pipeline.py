@@ -140,8 +140,8 @@ class Pipeline:
         return [torch.Generator(noise_device).manual_seed(s) for s in seeds]
 
     def _randn(self, gens: list[torch.Generator], shape: tuple) -> torch.Tensor:
-        return fastpaths.to_device(torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens]),
-                                   self.device)
+        noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens])
+        return fastpaths.to_device(noise, self.device)
 
     def _denoiser(self, cond, uncond, cfg_scale):
         dtype = self.dtype

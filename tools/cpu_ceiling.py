@@ -14,6 +14,7 @@ faster than the reference: benchmarks/cpu.md uses this for issue 6's "bf16 >= 3x
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     print(f"  bf16 / fp32 best throughput: {peaks['bf16'] / peaks['fp32']:.2f}x")
     if not args.bench:
         return
-    figures = json.loads(open(args.bench).read())
+    figures = json.loads(Path(args.bench).read_text())
     reference = figures["reference"]
     for side, median in figures["median"].items():  # a side is IMPL[:DTYPE][+OPTION...], as in bench.py
         dtype = side.split("+")[0].partition(":")[2] or figures.get("args", {}).get("dtype", "fp32")
