@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU checks in one command, for a session that is lent a GPU: the CUDA tests, then the
 # benchmark at the issue's settings (SD 1.5 size, 512x512, 50 Euler steps, CFG 7.5, batch 1, fp16) with
-# ours eager, ours compiled (CUDA graphs; NCHW and NHWC convolutions) and diffusers eager (SDPA) side by side.
+# ours compiled (CUDA graphs), diffusers eager (SDPA) and ours eager side by side.
 #
 # The lent machines have PyTorch but not diffusers; carry it (and the transformers version of
 # pyproject.toml) as wheels, fetched here once (.whl/ is git-ignored):
@@ -9,8 +9,9 @@
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 transformers==5.23.0 importlib_metadata
 # then, through the device tool, from the repo root:
 #   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=580)
-# `bash tools/gpu_check.sh tests` or `... bench` runs one half. Results land in $OUT (device.txt,
-# tests.txt, gpu-512-fp16.txt and .json); commit them under benchmarks/ with the figures in a note.
+# `bash tools/gpu_check.sh tests` or `... bench` runs one half; `... nhwc` (not in `all`, which fills most
+# of a 10-minute call) compares ours compiled with NHWC convolutions. Results land in $OUT (device.txt,
+# tests.txt, gpu-512-fp16*.txt and .json); commit them under benchmarks/ with the figures in a note.
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-/tmp/gpu-check}
@@ -30,15 +31,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if [[ $what == all || $what == tests ]]; then
     # the CUDA tests, the offload test and the benchmark's CUDA smoke run (test_fastpaths: *cuda*, *offload*)
-    timeout 150 python3 -m pytest -q -rs tests/test_cuda.py tests/test_fastpaths.py -k "cuda or offload" 2>&1 |
+    timeout 170 python3 -m pytest -q -rs tests/test_cuda.py tests/test_fastpaths.py -k "cuda or offload" 2>&1 |
         tee "$out/tests.txt"
 fi
+bench() {  # NAME TIMEOUT SIDE... : one round (each compiled side spends a minute or two compiling)
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 \
+        --repeats 1 --sides "$@" --cache-dir /tmp/latentdiff-bench --json "$out/$name.json" 2>&1 |
+        tee "$out/$name.txt"
+}
+# the first bench call writes the random SD 1.5 weights (4.3 GB) to the cache folder; per-side lines print
+# as they come, so a run cut short still shows its figures
 if [[ $what == all || $what == bench ]]; then
-    # the first call writes the random SD 1.5 weights (4.3 GB) to the cache folder; per-round lines print
-    # as they come, so a run cut short still shows its figures
-    # (one round: each compiled side spends a minute or two compiling, and the device time is short)
-    timeout 380 python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 --repeats 1 \
-        --sides ours:fp16 diffusers:fp16 ours:fp16+compile ours:fp16+compile+channels_last \
-        --cache-dir /tmp/latentdiff-bench \
-        --json "$out/gpu-512-fp16.json" 2>&1 | tee "$out/gpu-512-fp16.txt"
+    bench gpu-512-fp16 330 ours:fp16+compile diffusers:fp16 ours:fp16
+fi
+if [[ $what == nhwc ]]; then  # a second call, while the machine is still warm: NHWC convolutions
+    bench gpu-512-fp16-nhwc 300 ours:fp16+compile+channels_last diffusers:fp16
 fi
