@@ -26,10 +26,9 @@ from accelerate import Accelerator
 from latentdiff.config import preset
 from latentdiff.images import tensor_to_pil
 from latentdiff.train.analyze import analyze, score
-from latentdiff.train.autoencoder import autoencoder_stage, init_posterior_std
 from latentdiff.train.evaluate import ATTRIBUTES, shape_by
 from latentdiff.train.loop import draw_images, run_stage
-from latentdiff.train.recipe import Recipe, with_overrides
+from latentdiff.train.recipe import Recipe, vae_stage, with_overrides
 from latentdiff.vae import AutoencoderKL
 
 EVAL_START = 5_000_000  # far past any index a run trains on
@@ -40,17 +39,14 @@ def measure(variant: list[str], shared: list[str], images: int) -> dict:
     assignments = shared + variant
     levels = [int(a.partition("=")[2]) for a in assignments if a.startswith("levels=")]
     recipe = with_overrides(Recipe(), [a for a in assignments if not a.startswith("levels=")])
+    recipe = dataclasses.replace(recipe, vae=dataclasses.replace(recipe.vae, checkpoint_every=10**9))
     config = preset("demo")
     vae_config = config.vae
     if levels:
         vae_config = dataclasses.replace(vae_config, channel_mult=(vae_config.channel_mult[0],) * levels[-1])
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(vae_config)
-    init_posterior_std(vae, recipe.initial_posterior_std)
-    stage = autoencoder_stage(vae, dataclasses.replace(recipe.vae, checkpoint_every=10**9), seed=recipe.seed,
-                              image_size=config.resolution, low_res=recipe.vae_low_res,
-                              low_res_steps=recipe.vae_low_res_steps,
-                              kl_weight=recipe.kl_weight, edge_weight=recipe.edge_weight)
+    stage = vae_stage(vae, recipe, config.resolution)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         run_stage(stage, Accelerator(cpu=True, mixed_precision="bf16"), Path(out), recipe.seed, progress=False)

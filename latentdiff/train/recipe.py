@@ -30,7 +30,7 @@ from ..unet import UNet
 from ..vae import AutoencoderKL
 from .autoencoder import autoencoder_stage, init_posterior_std, measure_latent_std
 from .diffusion import diffusion_stage, zero_init_residuals
-from .loop import StageRecipe, run_stage
+from .loop import Stage, StageRecipe, run_stage
 from .text import init_text_encoder, text_stage
 
 # Two of these pair a shape with a colour the training split never shows it in (see shapes.HELD_OUT).
@@ -100,6 +100,14 @@ def with_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
     return recipe
 
 
+def vae_stage(vae: AutoencoderKL, recipe: Recipe, image_size: int) -> Stage:
+    """The recipe's autoencoder stage for a freshly built `vae`, its posterior std set as the recipe says."""
+    init_posterior_std(vae, recipe.initial_posterior_std)
+    return autoencoder_stage(vae, recipe.vae, seed=recipe.seed, image_size=image_size, low_res=recipe.vae_low_res,
+                             low_res_steps=recipe.vae_low_res_steps, kl_weight=recipe.kl_weight,
+                             edge_weight=recipe.edge_weight)
+
+
 def default_mixed_precision(device: torch.device) -> str:
     """fp16 on CUDA (the usual fast path, with accelerate's loss scaling); bf16 autocast on CPUs, measured
     2-3x faster than fp32 for the autoencoder's convolutions on this project's AMX/AVX512-BF16 CPUs and
@@ -156,11 +164,7 @@ def train(out: str | Path, config: ModelConfig, recipe: Recipe, *, resume: bool 
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(config.vae)
-    init_posterior_std(vae, recipe.initial_posterior_std)
-    summary["vae"] = run_stage(autoencoder_stage(vae, recipe.vae, seed=seed, image_size=size, low_res=recipe.vae_low_res,
-                                                 low_res_steps=recipe.vae_low_res_steps,
-                                                 kl_weight=recipe.kl_weight, edge_weight=recipe.edge_weight),
-                               accelerator, out, seed, progress)
+    summary["vae"] = run_stage(vae_stage(vae, recipe, size), accelerator, out, seed, progress)
 
     torch.manual_seed(seed + 1)
     text_encoder = TextEncoder(config.text)
