@@ -290,7 +290,7 @@ def test_min_snr_weighting_scales_only_low_noise_timesteps(tokenizer, accelerato
     batch = stage.make_batch(0, 0, 8, torch.Generator().manual_seed(0))
     weighted, plain = DiffusionLoss(unet, abar_all, snr_gamma=5.0), DiffusionLoss(unet, abar_all)
     with torch.no_grad():
-        for t, factor in ((0, 5 / (abar_all[0] / (1 - abar_all[0]))), (999, 1.0)):
+        for t, factor in ((0, 5 / (abar_all[0] / (1 - abar_all[0])).item()), (999, 1.0)):
             at_t = batch | {"timesteps": torch.full((8,), t)}
             assert weighted(at_t)[0].item() == pytest.approx(factor * plain(at_t)[0].item(), rel=1e-5)
 

@@ -94,26 +94,39 @@ def weights_folder(args) -> Path:
 
 class ForwardTimer:
     """Wall and process CPU time spent inside a module's forward, via hooks. With one thread the CPU time is
-    the work done, whatever else runs on the machine; wall time includes waiting for a core."""
+    the work done, whatever else runs on the machine; wall time includes waiting for a core. On CUDA the
+    wall time comes from CUDA events recorded on the stream, so timing adds no synchronisation to the run
+    it measures (read `walls` after synchronising), and the CPU time is the host's cost of launching."""
 
-    def __init__(self, module: torch.nn.Module, sync):
-        self.sync = sync
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
         self.reset()
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
 
+    def _clock(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
     def _pre(self, module, args):
-        self.sync()
-        self._start = time.perf_counter(), time.process_time(), minor_faults()
+        self._start = self._clock(), time.process_time(), minor_faults()
 
     def _post(self, module, args, output):
-        self.sync()
-        self.walls.append(time.perf_counter() - self._start[0])
+        self.spans.append((self._start[0], self._clock()))
         self.cpus.append(time.process_time() - self._start[1])
         self.faults.append(minor_faults() - self._start[2])
 
+    @property
+    def walls(self) -> list[float]:
+        if self.cuda:
+            return [start.elapsed_time(end) / 1000 for start, end in self.spans]
+        return [end - start for start, end in self.spans]
+
     def reset(self):
-        self.walls, self.cpus, self.faults = [], [], []
+        self.spans, self.cpus, self.faults = [], [], []
 
 
 def minor_faults() -> int:
@@ -172,7 +185,9 @@ def load_side(side: dict, folder: Path, device: torch.device):
                                         attention_slice=ATTENTION_CHUNK if "slice" in side["options"] else None,
                                         keep_freed_memory="release_memory" not in side["options"],
                                         compile="compile" in side["options"])
-        unet, text, vae = pipe.model.unet, pipe.model.text_encoder, pipe.model.vae
+        text, vae = pipe.model.text_encoder, pipe.model.vae
+        # compiled: time the compiled module, whose hooks run outside the compiled graph
+        unet = pipe._unet.compiled if pipe.compile else pipe.model.unet
         # the pipeline's layout choice (channels_last for CPU bf16) unless a side says otherwise
         for option, channels_last in (("channels_last", True), ("nchw", False)):
             if option in side["options"]:
@@ -184,9 +199,13 @@ def load_side(side: dict, folder: Path, device: torch.device):
                 fuse_projections(pipe.model, fused)
 
         def generate(args, seed, steps):
-            return pipe.txt2img(PROMPT, NEGATIVE, width=args.size, height=args.size, steps=steps,
-                                sampler="Euler", schedule="linspace", cfg_scale=CFG_SCALE, seed=seed,
-                                batch_size=args.batch_size, progress=False).images
+            images = pipe.txt2img(PROMPT, NEGATIVE, width=args.size, height=args.size, steps=steps,
+                                  sampler="Euler", schedule="linspace", cfg_scale=CFG_SCALE, seed=seed,
+                                  batch_size=args.batch_size, progress=False).images
+            if pipe.compile and pipe._unet.fallback_reason:
+                raise SystemExit(f"bench.py: {side['spec']}: torch.compile failed, the U-Net ran eagerly: "
+                                 f"{pipe._unet.fallback_reason}")
+            return images
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -232,8 +251,8 @@ def worker(args) -> None:
     start = time.perf_counter()
     generate, unet, text, decoder = load_side(side, Path(args.folder), device)
     load_s = time.perf_counter() - start
-    timers = {name: ForwardTimer(module, sync) for name, module in (("unet", unet), ("text", text),
-                                                                      ("decode", decoder))}
+    timers = {name: ForwardTimer(module, device) for name, module in (("unet", unet), ("text", text),
+                                                                        ("decode", decoder))}
     amp = (torch.autocast(device.type, dtype=DTYPES[side["dtype"]]) if "autocast" in side["options"]
            else nullcontext())
     with torch.inference_mode(), amp:
@@ -257,6 +276,11 @@ def worker(args) -> None:
               "peak_gen": peak_gib(device), "peak_all": process_peak_gib(device),
               "step_faults": statistics.median(unet_calls.faults), "threads": torch.get_num_threads(),
               "images": []}
+    if "compile" in side["options"]:  # what was compiled: a graph break or a CUDA-graph skip costs speed
+        from torch._dynamo.utils import counters
+        result["compiled"] = {"graphs": counters["stats"]["unique_graphs"],
+                              "graph_breaks": sum(counters["graph_break"].values()),
+                              "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     for i, image in enumerate(images):
         path = Path(args.result).with_suffix(f".{i}.png")
         image.save(path)
@@ -367,7 +391,8 @@ def main(argv=None) -> int:
                 side = sides[(i + r) % len(sides)]
                 result = run_side(args, side, folder, round_dir, sides.index(side))
                 print(f"  round {r + 1}: {side}: step {result['step']:.3f} s (CPU {result['step_cpu']:.3f} s), "
-                      f"e2e {result['e2e']:.2f} s, peak {result['peak_gen']:.2f} GiB", flush=True)
+                      f"e2e {result['e2e']:.2f} s, peak {result['peak_gen']:.2f} GiB",
+                      *(f"{k} {v}" for k, v in result.get("compiled", {}).items()), flush=True)
                 runs[side].append(result)
         figures = report(args, sides, runs)
     if args.json:

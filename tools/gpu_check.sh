@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one command, for a session that is lent a GPU: the CUDA tests, then the
-# benchmark at the issue's settings (SD 1.5 size, 512x512, 50 Euler steps, CFG 7.5, batch 1, fp16) with
-# ours compiled (CUDA graphs), diffusers eager (SDPA) and ours eager side by side.
+# Issue 6's GPU checks in one command, for a session that is lent a GPU: the benchmark at the issue's
+# settings (SD 1.5 size, 512x512, 50 Euler steps, CFG 7.5, batch 1, fp16) with ours compiled (CUDA graphs),
+# diffusers eager (SDPA) and ours eager side by side, then the CUDA tests, then ours compiled with NHWC.
 #
-# The lent machines have PyTorch but not diffusers; carry it (and the transformers version of
-# pyproject.toml) as wheels, fetched here once (.whl/ is git-ignored):
+# The lent machines have PyTorch but not diffusers; carry it, the transformers version of pyproject.toml
+# and a regex new enough for that transformers as wheels, fetched here once (.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 transformers==5.23.0 importlib_metadata
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 transformers==5.23.0 regex==2026.5.9
 # then, through the device tool, from the repo root:
 #   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=580)
-# `bash tools/gpu_check.sh tests` or `... bench` runs one half; `... nhwc` (not in `all`, which fills most
-# of a 10-minute call) compares ours compiled with NHWC convolutions. Results land in $OUT (device.txt,
+# `bash tools/gpu_check.sh bench`, `... tests` or `... nhwc` runs one part. `all` runs the three in that
+# order (most wanted first) within GPU_CHECK_SECONDS (default 560, for a 580 s call): each part gets what is
+# left, so a slow compile cuts the last part short rather than the call. Results land in $OUT (device.txt,
 # tests.txt, gpu-512-fp16*.txt and .json); commit them under benchmarks/ with the figures in a note.
 set -uo pipefail
 what=${1:-all}
@@ -29,15 +30,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'GPU', torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/device.txt"
 
-if [[ $what == all || $what == tests ]]; then
-    # the CUDA tests, the offload test and the benchmark's CUDA smoke run (test_fastpaths: *cuda*, *offload*)
-    timeout 170 python3 -m pytest -q -rs tests/test_cuda.py tests/test_fastpaths.py -k "cuda or offload" 2>&1 |
-        tee "$out/tests.txt"
-fi
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-560}))
+limit() {  # SECONDS: at most that many, and no more than the time left
+    local left=$((deadline - SECONDS))
+    echo $((left < $1 ? (left > 1 ? left : 1) : $1))
+}
 bench() {  # NAME TIMEOUT SIDE... : one round (each compiled side spends a minute or two compiling)
-    local name=$1 limit=$2
+    local name=$1 seconds
+    seconds=$(limit "$2")
     shift 2
-    timeout "$limit" python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 \
+    timeout "$seconds" python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 \
         --repeats 1 --sides "$@" --cache-dir /tmp/latentdiff-bench --json "$out/$name.json" 2>&1 |
         tee "$out/$name.txt"
 }
@@ -46,6 +48,11 @@ bench() {  # NAME TIMEOUT SIDE... : one round (each compiled side spends a minut
 if [[ $what == all || $what == bench ]]; then
     bench gpu-512-fp16 330 ours:fp16+compile diffusers:fp16 ours:fp16
 fi
-if [[ $what == nhwc ]]; then  # a second call, while the machine is still warm: NHWC convolutions
+if [[ $what == all || $what == tests ]]; then
+    # the CUDA tests, the offload test and the benchmark's CUDA smoke run (test_fastpaths: *cuda*, *offload*)
+    timeout "$(limit 170)" python3 -m pytest -q -rs tests/test_cuda.py tests/test_fastpaths.py -k "cuda or offload" \
+        2>&1 | tee "$out/tests.txt"
+fi
+if [[ $what == all || $what == nhwc ]]; then  # ours compiled with NHWC convolutions
     bench gpu-512-fp16-nhwc 300 ours:fp16+compile+channels_last diffusers:fp16
 fi
