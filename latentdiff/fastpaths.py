@@ -162,9 +162,10 @@ def fuse_projections(model: nn.Module, enable: bool) -> int:
     """Give every attention layer of `model` whose q, k and v projections read inputs of one width (U-Net
     attention, CLIP text layers) a FusedLinear of them as `qkv`, which its forward uses when it attends to
     its input itself; `enable=False` removes them. Weight values and state-dict keys stay as they are.
-    On by default on CUDA (three kernel launches become one; not yet measured there), off on CPU: in bf16
-    two benchmark runs disagreed on its sign (7% faster per step in one, 8% slower in the other), in fp32
-    it measured ~5% slower with a higher peak RSS (benchmarks/cpu.md). Returns how many layers were fused."""
+    On by default on CUDA (three kernel launches become one; its own effect there is not measured), off
+    on CPU: in bf16 two benchmark runs disagreed on its sign (7% faster per step in one, 8% slower in the
+    other), in fp32 it measured ~5% slower with a higher peak RSS (benchmarks/cpu.md). Returns how many
+    layers were fused."""
     fused = 0
     for module in model.modules():
         layers = [getattr(module, name) for name in getattr(module, "qkv_names", ())]

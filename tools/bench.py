@@ -8,10 +8,12 @@ contention from other work on the machine hits all of them, and each round start
 medians over rounds are reported. Warm-up runs (one step) are excluded from the timings.
 
 Printed per side: text-encode time, seconds per U-Net step with CFG (time inside the U-Net's forward,
-per step), VAE decode time (inside the decoder's forward), end-to-end time of the generation call, peak
-memory (CPU: RSS of the generation alone, and of the whole process including loading; CUDA:
-max_memory_allocated), then every figure as a ratio to the reference side (the first diffusers side) and
-each image's max pixel difference and PSNR against the first side and the reference.
+per step; on CUDA from CUDA events, so the timed run has no added syncs), VAE decode time (inside the
+decoder's forward), end-to-end time of the generation call, peak memory (CPU: RSS of the generation
+alone, and of the whole process including loading; CUDA: the generation's max_memory_allocated, and its
+max_memory_reserved, the allocator's cache included, as the second figure), then every figure as a ratio
+to the reference side (the first diffusers side) and each image's max pixel difference and PSNR against
+the first side and the reference.
 
 A side is IMPL[:DTYPE][+OPTION...]: IMPL ours | diffusers; DTYPE fp32 | bf16 | fp16 (default --dtype);
 options: autocast (fp32 weights, compute in DTYPE under torch.autocast), tile (tiled VAE decode),
