@@ -35,18 +35,20 @@ limit() {  # SECONDS: at most that many, and no more than the time left
     local left=$((deadline - SECONDS))
     echo $((left < $1 ? (left > 1 ? left : 1) : $1))
 }
-bench() {  # NAME TIMEOUT SIDE... : one round (each compiled side spends a minute or two compiling)
-    local name=$1 seconds
+bench() {  # NAME TIMEOUT ROUNDS SIDE... (each compiled side spends a minute or two compiling)
+    local name=$1 seconds rounds=$3
     seconds=$(limit "$2")
-    shift 2
+    shift 3
     timeout "$seconds" python3 tools/bench.py --device cuda --dtype fp16 --size 512 --steps 50 --warmup 2 \
-        --repeats 1 --sides "$@" --cache-dir /tmp/latentdiff-bench --json "$out/$name.json" 2>&1 |
+        --repeats "$rounds" --sides "$@" --cache-dir /tmp/latentdiff-bench --json "$out/$name.json" 2>&1 |
         tee "$out/$name.txt"
 }
 # the first bench call writes the random SD 1.5 weights (4.3 GB) to the cache folder; per-side lines print
 # as they come, so a run cut short still shows its figures
 if [[ $what == all || $what == bench ]]; then
-    bench gpu-512-fp16 330 ours:fp16+compile diffusers:fp16 ours:fp16
+    # two rounds: the sides rotate, so diffusers runs once right after the compiled side and once not (on
+    # 2026-11-30 it was slower right after a compiled side; benchmarks/gpu.md)
+    bench gpu-512-fp16 330 2 ours:fp16+compile diffusers:fp16 ours:fp16
 fi
 if [[ $what == all || $what == tests ]]; then
     # the CUDA tests, the offload test and the benchmark's CUDA smoke run (test_fastpaths: *cuda*, *offload*)
@@ -54,5 +56,5 @@ if [[ $what == all || $what == tests ]]; then
         2>&1 | tee "$out/tests.txt"
 fi
 if [[ $what == all || $what == nhwc ]]; then  # ours compiled with NHWC convolutions
-    bench gpu-512-fp16-nhwc 300 ours:fp16+compile+channels_last diffusers:fp16
+    bench gpu-512-fp16-nhwc 300 1 ours:fp16+compile+channels_last diffusers:fp16
 fi
