@@ -163,6 +163,13 @@ JOB_KEYS = {"prompt": str, "negative_prompt": str, "steps": int, "sampler": str,
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 
 
+def say(line: str) -> None:
+    """Print `line` in one write. Under accelerate several processes share stdout, and print()'s separate
+    write of the newline lets another process's line land in between, gluing two lines together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _generate(args, image=None) -> int:
     from .images import fit_to_multiple, format_parameters, save_png
     from .loader import model_hash
@@ -187,8 +194,8 @@ def _generate(args, image=None) -> int:
     if image is not None and min(image.size) >= pipe.size_multiple():  # smaller ones fail the size check
         fitted = fit_to_multiple(image, pipe.size_multiple())
         if fitted.size != image.size:
-            print(f"note: --init-image cropped from {image.width}x{image.height} to {fitted.width}x{fitted.height} "
-                  f"(sides must be multiples of {pipe.size_multiple()})")
+            say(f"note: --init-image cropped from {image.width}x{image.height} to {fitted.width}x{fitted.height} "
+                f"(sides must be multiples of {pipe.size_multiple()})")
         image = fitted
     model_path = Path(args.model or DEMO_MODEL)
     short_hash = model_hash(model_path)
@@ -204,7 +211,7 @@ def _generate(args, image=None) -> int:
             stems = [f"{job['line']:05d}-{it * opts['batch_size'] + i:03d}" for i in range(opts["batch_size"])] \
                 if batch_mode else None
             if stems and all((outdir / f"{s}.png").exists() for s in stems):
-                print(f"{tag}skip (exists): {outdir / stems[0]}.png ...")
+                say(f"{tag}skip (exists): {outdir / stems[0]}.png ...")
                 continue
             common = dict(steps=steps, sampler=opts["sampler"], schedule=opts["schedule"], cfg_scale=opts["cfg_scale"],
                           seed=seed, batch_size=opts["batch_size"], clip_skip=opts["clip_skip"], eta=args.eta,
@@ -225,9 +232,9 @@ def _generate(args, image=None) -> int:
                 text = format_parameters(opts["prompt"], opts["negative_prompt"] or "",
                                          {k: v for k, v in params.items() if v is not None})
                 path = save_png(img, outdir, stems[i] if stems else f"{img_seed}", text)
-                print(f"{tag}saved {path} (seed {img_seed})")
+                say(f"{tag}saved {path} (seed {img_seed})")
             for note in result.notes:
-                print(f"note: {note}")
+                say(f"note: {note}")
     return 0
 
 

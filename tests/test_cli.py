@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tiny import SD1, tiny_model
 
 import latentdiff
-from latentdiff.cli import main
+from latentdiff.cli import main, say
 from latentdiff.images import parse_parameters, read_png_parameters
 from latentdiff.loader import save_model
 from latentdiff.pipeline import Pipeline
@@ -269,3 +269,19 @@ def test_batch_mode_under_accelerate_splits_prompts_across_two_processes(model_f
                                                                      "00003-000.png"]
     assert len(saved) == 3 and "skip" not in proc.stdout  # each prompt ran exactly once
     assert {line.split("]")[0] + "]" for line in saved} == {"[process 1/2]", "[process 2/2]"}
+
+
+def test_output_lines_are_written_whole(monkeypatch):
+    """Processes under accelerate share stdout: a line and its newline must go out in one write, or another
+    process's line can land between them (print() writes the newline separately)."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    say("[process 1/2] saved out/00001-000.png (seed 1)")
+    assert writes == ["[process 1/2] saved out/00001-000.png (seed 1)\n"]
