@@ -85,10 +85,13 @@ def main(argv=None) -> None:
     print(f"  bf16 / fp32 best throughput: {peaks['bf16'] / peaks['fp32']:.2f}x")
     if not args.bench:
         return
+    from bench import parse_side  # tools/, beside this script
+
     figures = json.loads(Path(args.bench).read_text())
     reference = figures["reference"]
-    for side, median in figures["median"].items():  # a side is IMPL[:DTYPE][+OPTION...], as in bench.py
-        dtype = side.split("+")[0].partition(":")[2] or figures.get("args", {}).get("dtype", "fp32")
+    default_dtype = figures.get("args", {}).get("dtype", "fp32")
+    for side, median in figures["median"].items():
+        dtype = parse_side(side, default_dtype)["dtype"]
         share = f", {bound[dtype] / median['step']:.0%} of the {dtype} best" if dtype in bound else ""
         print(f"  {side}: step {median['step']:.3f} s = {flops / median['step'] / 1e9:.0f} GFLOP/s{share}")
     ref_step = figures["median"][reference]["step"]
