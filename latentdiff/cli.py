@@ -82,7 +82,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
     speed = p.add_argument_group("speed and memory")
     speed.add_argument("--threads", type=int, help="CPU threads (default: one per physical core; fewer can win "
                                                    "when other programs keep the cores busy)")
-    speed.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"),
+    speed.add_argument("--vae-tiling", default="auto", metavar="{auto,on,off}",
                        help="decode/encode the image in overlapping tiles to bound memory (default: auto, which "
                             "tiles above 1024x1024)")
     speed.add_argument("--attention-slice", type=int, metavar="TOKENS",
@@ -294,6 +294,8 @@ def _check_outdir(outdir: Path) -> None:
 def _pipeline(args, device=None):
     from .fastpaths import set_threads
     from .pipeline import Pipeline
+    from .tiling import check_tiling_mode
+    check_tiling_mode(args.vae_tiling)  # bad switches fail before the model loads
     set_threads(args.threads)
     if args.model and not Path(args.model).expanduser().exists():
         raise InputError(f"model not found: {args.model} (pass --model PATH)")

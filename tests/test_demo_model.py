@@ -17,12 +17,13 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from latentdiff.cli import DEMO_MODEL
 from latentdiff.images import parse_parameters, read_png_parameters
 from latentdiff.loader import load_model, model_hash, save_model
 from latentdiff.pipeline import Pipeline
+from latentdiff.resources import demo_model
 from latentdiff.train.evaluate import evaluate
 
+DEMO_MODEL = demo_model()
 PROMPT = "a big yellow circle in the center on a blue background"
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error"}
 
