@@ -1,6 +1,5 @@
 """The pipeline object: prompt -> text features -> sampled latents -> decoded images (txt2img, img2img)."""
 
-import inspect
 import logging
 import secrets
 from contextlib import contextmanager, nullcontext
@@ -12,13 +11,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import fastpaths
+from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser
-from .errors import GenerationError, InputError
+from .errors import GenerationError, InputError, UnsupportedModelError
 from .images import pil_to_tensor, tensor_to_pil
 from .loader import load_model
 from .model import StableDiffusion
-from .sampling import resolve_sampler
-from .sampling_stochastic import brownian_noise_sampler, sample_dpmpp_sde
+from .sampling import sampler_spec
+from .sampling_stochastic import brownian_noise_sampler
 from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
 from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
@@ -143,12 +143,12 @@ class Pipeline:
         noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens])
         return fastpaths.to_device(noise, self.device)
 
-    def _denoiser(self, cond, uncond, cfg_scale):
+    def _denoiser(self, cond: Cond, uncond: Cond | None, cfg_scale):
         dtype = self.dtype
         unet = self._unet
 
-        def network(x, t, context):  # latents stay fp32 between steps; the network runs in the model dtype
-            return unet(x.to(dtype), t, context.to(dtype)).float()
+        def network(x, t, context, **parts):  # latents stay fp32 between steps; the network runs in the model dtype
+            return unet(x.to(dtype), t, context.to(dtype), **map_tensors(parts, lambda p: p.to(dtype))).float()
 
         acp = alphas_cumprod_for(self.config)  # on the host, as the sigmas
         base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
@@ -186,14 +186,22 @@ class Pipeline:
             raise InputError(f"--steps must be at least 1, not {steps}")
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, not {batch_size}")
-        sample_fn, default_schedule = resolve_sampler(sampler)
-        if eta is not None and "eta" not in inspect.signature(sample_fn).parameters:
+        spec, default_schedule = sampler_spec(sampler)
+        if eta is not None and not spec.takes_eta:
             raise InputError(f"--eta: sampler {sampler!r} takes no eta; leave --eta out, or pick a "
                              f"sampler with a noise amount (DDIM, the ancestral and the SDE samplers)")
         seed = secrets.randbelow(2**32) if seed is None else seed
         seeds = [seed + i for i in range(batch_size)]
-        cond = self.encode_prompt([prompt] * batch_size, clip_skip)
-        uncond = self.encode_prompt([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
+        unet_cfg = self.config.unet
+        if unet_cfg.in_channels != unet_cfg.out_channels:  # the Cond below has no concat channels for it
+            raise UnsupportedModelError(
+                f"this checkpoint is {concat_family(unet_cfg.in_channels, unet_cfg.out_channels)}: its U-Net takes "
+                f"{unet_cfg.in_channels} input channels, and the pipeline cannot yet build that conditioning; "
+                f"use a text-to-image checkpoint ({unet_cfg.out_channels} input channels)")
+        cond = Cond(context=self.encode_prompt([prompt] * batch_size, clip_skip))
+        uncond = None
+        if cfg_scale != 1.0:
+            uncond = Cond(context=self.encode_prompt([negative_prompt] * batch_size, clip_skip))
         denoiser, extra_args, acp = self._denoiser(cond, uncond, cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
         sigmas = make_sigmas(schedule or default_schedule, steps, acp)
@@ -216,12 +224,12 @@ class Pipeline:
                 callback(info)
 
         options = {} if eta is None else {"eta": eta}
-        noise = lambda sigma, sigma_next: self._randn(gens, shape)  # noqa: E731
-        if sample_fn is sample_dpmpp_sde:  # its two draws per step must correlate like a Brownian path
+        noise = None if spec.noise == "none" else lambda sigma, sigma_next: self._randn(gens, shape)  # noqa: E731
+        if spec.noise == "brownian":
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
         with fastpaths.keep_freed_memory() if keep else nullcontext():
-            x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise,
+            x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise,
                           **options)
         bar.close()
         images, notes = self.decode(x)

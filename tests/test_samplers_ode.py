@@ -238,7 +238,7 @@ def test_denoiser_formulas():
 
     x = torch.ones(2, 1, 2, 2)
     sigma = training_sigmas(ACP)[400]
-    eps = DiscreteDenoiser(model, ACP, prediction="eps")(x, sigma, context="c")
+    eps = DiscreteDenoiser(model, ACP, prediction="eps")(x, sigma, cond="c")
     assert torch.allclose(eps, x - sigma * 0.5)
     assert torch.allclose(calls[0][0], x / (sigma**2 + 1) ** 0.5) and calls[0][2] == "c"
     assert calls[0][1].shape == (2,) and torch.allclose(calls[0][1], torch.tensor([400.0, 400.0]))
@@ -275,10 +275,10 @@ def test_cfg_one_batched_call():
     cond, uncond = torch.full((3, 77, 8), 1.0), torch.full((3, 77, 8), -1.0)
     guided = cfg(x, sigma, cond=cond, uncond=uncond, cfg_scale=7.5)
     assert batches == [6]  # uncond and cond in one call
-    expected = base(x, sigma, context=uncond) + 7.5 * (base(x, sigma, context=cond) - base(x, sigma, context=uncond))
+    expected = base(x, sigma, cond=uncond) + 7.5 * (base(x, sigma, cond=cond) - base(x, sigma, cond=uncond))
     assert torch.allclose(guided, expected, atol=1e-5)
     batches.clear()
-    assert torch.equal(cfg(x, sigma, cond=cond, uncond=uncond, cfg_scale=1.0), base(x, sigma, context=cond))
+    assert torch.equal(cfg(x, sigma, cond=cond, uncond=uncond, cfg_scale=1.0), base(x, sigma, cond=cond))
     assert batches == [3, 3]  # scale 1: no unconditional half
     with pytest.raises(InputError, match="uncond shape"):
         cfg(x, sigma, cond=cond, uncond=uncond[:1], cfg_scale=7.5)
@@ -332,7 +332,8 @@ def test_registry_listing_and_errors():
     names = sampling.sampler_names()
     assert names == [name for name, _ in sampling.sampler_table()]
     for name in names:  # every listed name resolves to its own entry
-        assert sampling.resolve_sampler(name) == sampling.SAMPLERS[name]
+        spec = sampling.SAMPLERS[name]
+        assert sampling.resolve_sampler(name) == (spec.fn, spec.default_schedule)
     with pytest.raises(InputError, match=r"unknown sampler 'Eular'; choose one of .*DPM\+\+ 2M.*karras"):
         sampling.resolve_sampler("Eular")
     with pytest.raises(InputError, match="sigmas"):
