@@ -10,7 +10,9 @@ Tolerance: max abs diff <= 1e-4 on final latents of magnitude ~1 (fp32; the two 
 operations differently over up to 50 model calls). Measured: at most 3e-6 for every sampler.
 """
 
+import dataclasses
 import functools
+import inspect
 import warnings
 
 import diffusers
@@ -340,3 +342,79 @@ def test_registry_listing_and_errors():
         sampling.sample_euler(DiscreteDenoiser(network(), ACP), initial_noise(), torch.tensor([1.0, 2.0]))
     with pytest.raises(InputError, match="eta must be >= 0"):
         sampling.sample_ddim(DiscreteDenoiser(network(), ACP), initial_noise(), torch.tensor([1.0, 0.0]), eta=-1)
+
+
+@pytest.mark.parametrize("name", sampling.sampler_names())
+def test_sampler_spec_says_what_the_sampler_needs(name):
+    """takes_eta is the function's own eta parameter; a sampler whose noise is "none" never draws, and one
+    that needs noise draws (DDIM with eta > 0), so the pipeline can go by the metadata alone."""
+    spec = sampling.SAMPLERS[name]
+    assert spec.takes_eta == ("eta" in inspect.signature(spec.fn).parameters)
+    assert spec.noise in ("none", "independent", "brownian")
+    draws = []
+
+    def noise_sampler(sigma, sigma_next):
+        draws.append((float(sigma), float(sigma_next)))
+        return torch.zeros_like(initial_noise())
+
+    sigmas = make_sigmas(spec.default_schedule, 3, ACP)
+    spec.fn(DiscreteDenoiser(network(), ACP), initial_noise() * sigmas[0], sigmas, noise_sampler=noise_sampler,
+            **({"eta": 0.5} if spec.takes_eta else {}))
+    assert bool(draws) == (spec.noise != "none")
+
+
+@pytest.mark.parametrize("typed,canonical", [
+    ("dpmpp_2m_karras", ("DPM++ 2M", "karras")),
+    ("DPM++ 2M", ("DPM++ 2M", None)),
+    ("k_euler_a", ("Euler a", None)),
+    ("euler_ancestral", ("Euler a", None)),
+    ("dpmpp_sde_exponential", ("DPM++ SDE", "exponential")),
+    ("pndm", ("PLMS", None)),
+    ("Euler SGM Uniform", ("Euler", "sgm_uniform")),
+])
+def test_canonical_sampler_name(typed, canonical):
+    assert sampling.canonical_sampler_name(typed) == canonical
+    spec, schedule = sampling.sampler_spec(typed)
+    assert spec.name == canonical[0] and schedule == (canonical[1] or spec.default_schedule)
+
+
+def test_canonical_names_are_a1111s_and_unknown_names_are_refused():
+    # DDPM is not an A1111 sampler: it keeps the name diffusers and ComfyUI give it
+    assert set(sampling.sampler_names()) - {"DDPM"} <= {  # A1111's sampler list (v1.9 and later)
+        "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
+        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++",
+        "PLMS", "UniPC", "LCM"}
+    with pytest.raises(InputError, match="unknown sampler 'dpmpp_9m'"):
+        sampling.canonical_sampler_name("dpmpp_9m")
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ SDE"])
+def test_pipeline_draws_the_noise_the_spec_names(name, monkeypatch):
+    """The pipeline reads a sampler's needs from its spec: no noise sampler for "none", the per-image
+    generators' draws for "independent", those draws as a Brownian path for "brownian"."""
+    import latentdiff.pipeline as pipeline_module
+    from latentdiff.pipeline import Pipeline
+    from tiny import SD1, tiny_model
+
+    seen, brownian = [], []
+    resolve, make_brownian = pipeline_module.sampler_spec, pipeline_module.brownian_noise_sampler
+
+    def spy(typed):
+        spec, schedule = resolve(typed)
+
+        def run(*args, noise_sampler=None, **kwargs):
+            seen.append(noise_sampler)
+            return spec.fn(*args, noise_sampler=noise_sampler, **kwargs)
+        return dataclasses.replace(spec, fn=run), schedule
+
+    def spy_brownian(x, **kwargs):
+        brownian.append(make_brownian(x, **kwargs))
+        return brownian[-1]
+
+    monkeypatch.setattr(pipeline_module, "sampler_spec", spy)
+    monkeypatch.setattr(pipeline_module, "brownian_noise_sampler", spy_brownian)
+    Pipeline(tiny_model(SD1), device="cpu", dtype=torch.float32).txt2img("a", steps=2, sampler=name, seed=1,
+                                                                         progress=False)
+    noise = sampling.SAMPLERS[name].noise
+    assert (seen[0] is None) == (noise == "none")
+    assert (seen[0] is not None and seen[0] in brownian) == (noise == "brownian")
