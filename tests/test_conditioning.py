@@ -12,6 +12,7 @@ from latentdiff.conditioning import Cond, Control, cat_conds, concat_family, map
 from latentdiff.config import UNetConfig, preset
 from latentdiff.denoisers import CFGDenoiser, DiscreteDenoiser
 from latentdiff.errors import InputError, UnsupportedModelError
+from latentdiff.loader import save_model
 from latentdiff.pipeline import Pipeline
 from latentdiff.schedules import alphas_cumprod_for, training_sigmas
 from latentdiff.unet import UNet
@@ -115,9 +116,13 @@ def test_nine_channel_unet_through_the_denoiser():
     assert (got - other).abs().max() > 1e-3  # the concat channels reach the output
 
 
-def test_pipeline_stops_a_model_whose_conditioning_it_cannot_build():
+def test_pipeline_stops_a_model_whose_conditioning_it_cannot_build(tmp_path):
+    """A 9-channel checkpoint loads (its U-Net is detected and built), and generating with it stops with
+    the family named, before any sampling."""
     inpainting = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=9))
-    pipe = Pipeline(tiny_model(inpainting), device="cpu", dtype=torch.float32)
+    path = save_model(tiny_model(inpainting), tmp_path / "inpainting.safetensors")
+    pipe = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
+    assert pipe.config.unet.in_channels == 9
     with pytest.raises(UnsupportedModelError, match="an inpainting U-Net .* takes 9 input channels"):
         pipe.txt2img("a red circle", steps=1, progress=False)
     assert "InstructPix2Pix" in concat_family(8, 4)

@@ -16,7 +16,8 @@ from latentdiff.unet import UNet
 CFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=2,
                  context_dim=16)
 CONV = "input_blocks.1.0.in_layers.2.weight"  # a 3x3 conv: pre-packed
-Q, K = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", "middle_block.1.transformer_blocks.0.attn1.to_k.weight"
+Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"  # q, k: fused with their v
+K = "middle_block.1.transformer_blocks.0.attn1.to_k.weight"
 CROSS_V = "output_blocks.0.1.transformer_blocks.0.attn2.to_v.weight"  # reads the context: not fused
 BIAS = "out.2.bias"
 
