@@ -35,6 +35,7 @@ class TextEncoderConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
+    # in_channels > out_channels: channels joined to the latents (inpainting 9 = 4 + mask + 4 masked image)
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
@@ -43,7 +44,10 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) with transformers
     num_heads: int | None = 8  # SD 1.x: a fixed head count ...
     head_dim: int | None = None  # ... SD 2.x: a fixed head width (64); exactly one is set
-    transformer_depth: int = 1
+    # transformer blocks per SpatialTransformer: one number, or one per level (SDXL: (0, 2, 10)); the
+    # middle block takes the last level's. Stored canonically: an int when every level that has
+    # transformers (and the last) agrees, else a tuple with 0 at the levels without transformers.
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768
     use_linear_projection: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     upcast_attention: bool = False  # SD 2.x-v: attention scores in fp32 even under fp16
@@ -51,9 +55,29 @@ class UNetConfig:
     def heads_at(self, channels: int) -> int:
         return self.num_heads if self.num_heads is not None else channels // self.head_dim
 
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks at `level` (the middle block: the last level's)."""
+        depth = self.transformer_depth
+        return depth if isinstance(depth, int) else depth[level]
+
     def __post_init__(self):
         if (self.num_heads is None) == (self.head_dim is None):
             raise InputError("UNetConfig: set exactly one of num_heads and head_dim")
+        if self.in_channels < self.out_channels:
+            raise InputError(f"UNetConfig: in_channels {self.in_channels} below out_channels {self.out_channels}; "
+                             f"the inputs are the latents plus any conditioning channels")
+        depth, levels = self.transformer_depth, len(self.channel_mult)
+        if not isinstance(depth, int):
+            if len(depth) != levels:
+                raise InputError(f"UNetConfig: transformer_depth {list(depth)} needs one entry per level "
+                                 f"({levels}, as channel_mult)")
+            with_blocks = set(self.attention_levels) | {levels - 1}
+            depth = tuple(d if level in with_blocks else 0 for level, d in enumerate(depth))
+            uniform = {depth[level] for level in with_blocks}
+            object.__setattr__(self, "transformer_depth", uniform.pop() if len(uniform) == 1 else depth)
+        if any(self.depth_at(level) < 1 for level in set(self.attention_levels) | {levels - 1}):
+            raise InputError(f"UNetConfig: transformer_depth {self.transformer_depth} gives no transformer "
+                             f"block to a level with attention or to the middle block")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ interpolating in log sigma (fractional between training steps), and turns the pr
 
 import torch
 
+from .conditioning import Cond, as_cond, cat_conds
 from .errors import InputError
 from .fastpaths import to_device
 from .schedules import sigma_to_t, training_sigmas
@@ -22,7 +23,9 @@ def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
 
 
 class DiscreteDenoiser:
-    """D(x, sigma, context=None) around `model(x, t, context) -> eps or v` trained on discrete timesteps.
+    """D(x, sigma, cond=None) around `model(x_in, t, context, **parts) -> eps or v` trained on discrete
+    timesteps. `cond` is a Cond (or a bare context tensor): its `concat` channels join the scaled latents,
+    x_in = cat([c_in * x, concat]), and its other set parts (y, control) reach the model by keyword.
 
     prediction: "eps" or "v". quantize: feed the nearest integer timestep instead of the fractional one
     (diffusers' DPMSolverMultistep / UniPC do this with karras sigmas). Holds no state between calls.
@@ -40,11 +43,17 @@ class DiscreteDenoiser:
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma_to_t(sigma.to(self.log_sigmas.device), self.log_sigmas, self.quantize)
 
-    def __call__(self, x: torch.Tensor, sigma, context=None) -> torch.Tensor:
-        sigma = _per_sample(sigma, x)
+    def __call__(self, x: torch.Tensor, sigma, cond: Cond | torch.Tensor | None = None) -> torch.Tensor:
+        sigma, cond = _per_sample(sigma, x), as_cond(cond)
         t = to_device(self.sigma_to_t(sigma), x.device)
         s = to_device(sigma, x.device).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
-        out = self.model(x / (s**2 + 1) ** 0.5, t, context)
+        x_in = x / (s**2 + 1) ** 0.5
+        if cond is None:
+            out = self.model(x_in, t, None)
+        else:
+            if cond.concat is not None:  # conditioning images are not noisy: no c_in on them
+                x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
+            out = self.model(x_in, t, cond.context, **cond.network_parts())
         if self.prediction == "eps":
             return x - s * out
         # v: x0 = sqrt(a) * x_vp - sqrt(1 - a) * v, written in sigma space
@@ -54,22 +63,21 @@ class DiscreteDenoiser:
 class CFGDenoiser:
     """Classifier-free guidance around a denoiser: D_uncond + cfg_scale * (D_cond - D_uncond).
 
-    Conditional and unconditional halves run as one batched call (uncond first, as diffusers orders them);
-    cfg_scale 1.0 or uncond None skips the unconditional half. Guidance on x0 equals guidance on eps or v
-    for the same x and sigma, since x0 is affine in the prediction.
+    Conditional and unconditional halves run as one batched call (uncond first, as diffusers orders them),
+    their Cond records joined field by field (a bare tensor is a record's context); cfg_scale 1.0 or
+    uncond None skips the unconditional half. Guidance on x0 equals guidance on eps or v for the same x and
+    sigma, since x0 is affine in the prediction.
     """
 
     def __init__(self, denoiser):
         self.denoiser = denoiser
 
-    def __call__(self, x: torch.Tensor, sigma, *, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                 cfg_scale: float = 1.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma, *, cond: Cond | torch.Tensor,
+                 uncond: Cond | torch.Tensor | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
         if cfg_scale == 1.0 or uncond is None:
-            return self.denoiser(x, sigma, context=cond)
-        if uncond.shape != cond.shape:
-            raise InputError(f"classifier-free guidance: uncond shape {tuple(uncond.shape)} differs from cond "
-                             f"shape {tuple(cond.shape)}; encode the negative prompt for every image of the batch")
+            return self.denoiser(x, sigma, cond)
         sigma = _per_sample(sigma, x)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=torch.cat([uncond, cond]))
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                             cat_conds([as_cond(uncond), as_cond(cond)]))
         d_uncond, d_cond = both.chunk(2)
         return d_uncond + (d_cond - d_uncond) * cfg_scale

@@ -12,15 +12,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__, fastpaths
+from .conditioning import Cond, concat_family, map_tensors
 from .config import DTYPE_NAMES
 from .denoisers import CFGDenoiser, DiscreteDenoiser
-from .errors import FieldError, GenerationError, InputError
+from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .images import as_rgb_image, fit_to_multiple, format_parameters, pil_to_tensor, resize_to, tensor_to_pil
 from .loader import load_model, model_hash
 from .model import StableDiffusion
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
-from .sampling_stochastic import brownian_noise_sampler, sample_dpmpp_sde
+from .sampling_stochastic import brownian_noise_sampler
 from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
 from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
@@ -176,12 +177,12 @@ class Pipeline:
         noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens])
         return fastpaths.to_device(noise, self.device)
 
-    def _denoiser(self, cond, uncond, cfg_scale):
+    def _denoiser(self, cond: Cond, uncond: Cond | None, cfg_scale):
         dtype = self.dtype
         unet = self._unet
 
-        def network(x, t, context):  # latents stay fp32 between steps; the network runs in the model dtype
-            return unet(x.to(dtype), t, context.to(dtype)).float()
+        def network(x, t, context, **parts):  # latents stay fp32 between steps; the network runs in the model dtype
+            return unet(x.to(dtype), t, context.to(dtype), **map_tensors(parts, lambda p: p.to(dtype))).float()
 
         acp = alphas_cumprod_for(self.config)  # on the host, as the sigmas
         base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
@@ -210,6 +211,12 @@ class Pipeline:
         if not isinstance(request, GenerationRequest):
             raise InputError(f"generate() needs a GenerationRequest, not {type(request).__name__}")
         request.validate()
+        unet = self.config.unet
+        if unet.in_channels != unet.out_channels:  # nothing builds the concat channels of the Cond for it yet
+            raise UnsupportedModelError(
+                f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
+                f"{unet.in_channels} input channels, and the pipeline cannot yet build that conditioning; "
+                f"use a text-to-image checkpoint ({unet.out_channels} input channels)")
         layers = self.config.text.layers
         if request.clip_skip > layers:
             raise FieldError("clip_skip", f"must be between 1 and {layers} (this text encoder's layers), "
@@ -269,15 +276,17 @@ class Pipeline:
         return model_hash(self.source) if self.source else None
 
     def _sample(self, request: GenerationRequest, seeds: list[int], callback, progress, noise_device):
-        spec = request.sampler_spec
-        cond = self.encode_prompt(request.prompts, request.clip_skip)
-        uncond = self.encode_prompt(request.negative_prompts, request.clip_skip) if request.cfg_scale != 1.0 else None
+        spec, schedule = request.sampler_spec
+        cond = Cond(context=self.encode_prompt(request.prompts, request.clip_skip))
+        uncond = None
+        if request.cfg_scale != 1.0:
+            uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip))
         denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
-        sigmas = make_sigmas(request.schedule or spec.default_schedule, request.steps, acp)
+        sigmas = make_sigmas(schedule, request.steps, acp)
 
         f = self.config.vae.downsample_factor
-        shape = (self.config.unet.in_channels, request.height // f, request.width // f)
+        shape = (self.config.unet.out_channels, request.height // f, request.width // f)
         gens = self._generators(seeds, noise_device)
         if request.init_image is None:
             x = self._randn(gens, shape) * sigmas[0]
@@ -294,8 +303,8 @@ class Pipeline:
                 callback(info)
 
         options = {} if request.eta is None else {"eta": request.eta}
-        noise = lambda sigma, sigma_next: self._randn(gens, shape)  # noqa: E731
-        if spec.fn is sample_dpmpp_sde:  # its two draws per step must correlate like a Brownian path
+        noise = None if spec.noise == "none" else lambda sigma, sigma_next: self._randn(gens, shape)  # noqa: E731
+        if spec.noise == "brownian":  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
         with fastpaths.keep_freed_memory() if keep else nullcontext():

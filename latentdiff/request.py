@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .errors import FieldError, InputError
-from .sampling import resolve_sampler as _resolve_sampler
+from .sampling import sampler_spec
 from .schedules import schedule_names
 
 MIN_SIDE, MAX_SIDE = 64, 4096
@@ -86,7 +86,7 @@ class GenerationRequest:
         _number("strength", self.strength)
         if not 0.0 < self.strength <= 1.0:
             raise FieldError("strength", f"must be in (0, 1], not {self.strength}")
-        spec = self._sampler()
+        spec, _ = self.sampler_spec
         if self.eta is not None and not spec.takes_eta:
             raise FieldError("eta", f"is not taken by sampler {self.sampler!r}: leave it out, or pick a sampler "
                                     f"with a noise amount (DDIM, the ancestral and the SDE samplers)")
@@ -104,17 +104,17 @@ class GenerationRequest:
                 raise FieldError(name, "is not supported yet; leave it out")
         return self
 
-    def _sampler(self):
+    @property
+    def sampler_spec(self):
+        """(the sampler's registry record, the schedule to use: the schedule field, else a suffix of the
+        sampler's name as in "DPM++ 2M Karras", else the sampler's own)."""
         if not isinstance(self.sampler, str):
             raise FieldError("sampler", f"must be a sampler name, not {self.sampler!r}")
         try:
-            return resolve_sampler(self.sampler)
+            spec, schedule = sampler_spec(self.sampler)
         except InputError as e:
             raise FieldError("sampler", str(e)) from None
-
-    @property
-    def sampler_spec(self):
-        return self._sampler()
+        return spec, self.schedule or schedule
 
     def check_size(self, multiple: int, names: tuple[str, str] = ("width", "height")) -> None:
         """Both sides set, in range and multiples of `multiple` (the model's: 64 for SD)."""
@@ -129,13 +129,6 @@ def request_from_kwargs(where: str, **fields) -> GenerationRequest:
     if unknown:
         raise InputError(f"{where}: unknown parameter(s) {unknown}; valid ones are {', '.join(FIELD_NAMES)}")
     return GenerationRequest(**fields)
-
-
-def resolve_sampler(name):  # until the registry returns its own record
-    import inspect
-    from types import SimpleNamespace
-    fn, schedule = _resolve_sampler(name)
-    return SimpleNamespace(fn=fn, default_schedule=schedule, takes_eta="eta" in inspect.signature(fn).parameters)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationRequest))

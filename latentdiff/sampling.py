@@ -14,6 +14,8 @@ combination of eps. See each function for the diffusers scheduler it reproduces.
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -226,26 +228,39 @@ def sample_unipc(denoiser, x, sigmas, *, extra_args=None, callback=None, generat
 
 # -- registry ----------------------------------------------------------------------------------------
 
-# name users see -> (sampler, default schedule). Lookups ignore case, spaces and punctuation ("++" reads
-# "pp"), accept "ancestral" for "a", a "k_" prefix (k-diffusion / old A1111 names) and a schedule name as
-# suffix ("DPM++ 2M Karras").
-SAMPLERS = {
-    "Euler": (sample_euler, "normal"),
-    "Euler a": (stochastic.sample_euler_a, "normal"),
-    "Heun": (sample_heun, "normal"),
-    "LMS": (sample_lms, "normal"),
-    "DPM2": (sample_dpm2, "normal"),
-    "DPM2 a": (stochastic.sample_dpm2_a, "normal"),
-    "DPM++ 2M": (sample_dpmpp_2m, "normal"),
-    "DPM++ 2M SDE": (stochastic.sample_dpmpp_2m_sde, "normal"),
-    "DPM++ 2S a": (stochastic.sample_dpmpp_2s_a, "normal"),
-    "DPM++ SDE": (stochastic.sample_dpmpp_sde, "normal"),
-    "UniPC": (sample_unipc, "normal"),
-    "DDIM": (sample_ddim, "ddim_uniform"),
-    "PLMS": (sample_plms, "ddim_uniform"),
-    "DDPM": (stochastic.sample_ddpm, "ddim_uniform"),
-    "LCM": (stochastic.sample_lcm, "sgm_uniform"),
-}
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler as users name it (`name`: A1111's spelling) and what running it needs. `noise`: what its
+    noise_sampler must draw: "none" (it draws nothing), "independent" (fresh normal noise per call) or
+    "brownian" (increments of one Brownian path: DPM++ SDE's two draws per step must correlate like one,
+    sampling_stochastic.brownian_noise_sampler). `takes_eta`: it has an eta (amount of noise) parameter."""
+
+    name: str
+    fn: Callable
+    default_schedule: str
+    noise: str = "none"
+    takes_eta: bool = False
+
+
+# Lookups ignore case, spaces and punctuation ("++" reads "pp"), accept "ancestral" for "a", a "k_" prefix
+# (k-diffusion / old A1111 names) and a schedule name as suffix ("DPM++ 2M Karras").
+SAMPLERS = {spec.name: spec for spec in (
+    SamplerSpec("Euler", sample_euler, "normal"),
+    SamplerSpec("Euler a", stochastic.sample_euler_a, "normal", "independent", takes_eta=True),
+    SamplerSpec("Heun", sample_heun, "normal"),
+    SamplerSpec("LMS", sample_lms, "normal"),
+    SamplerSpec("DPM2", sample_dpm2, "normal"),
+    SamplerSpec("DPM2 a", stochastic.sample_dpm2_a, "normal", "independent", takes_eta=True),
+    SamplerSpec("DPM++ 2M", sample_dpmpp_2m, "normal"),
+    SamplerSpec("DPM++ 2M SDE", stochastic.sample_dpmpp_2m_sde, "normal", "independent", takes_eta=True),
+    SamplerSpec("DPM++ 2S a", stochastic.sample_dpmpp_2s_a, "normal", "independent", takes_eta=True),
+    SamplerSpec("DPM++ SDE", stochastic.sample_dpmpp_sde, "normal", "brownian", takes_eta=True),
+    SamplerSpec("UniPC", sample_unipc, "normal"),
+    SamplerSpec("DDIM", sample_ddim, "ddim_uniform", "independent", takes_eta=True),  # noise only with eta > 0
+    SamplerSpec("PLMS", sample_plms, "ddim_uniform"),
+    SamplerSpec("DDPM", stochastic.sample_ddpm, "ddim_uniform", "independent"),
+    SamplerSpec("LCM", stochastic.sample_lcm, "sgm_uniform", "independent"),
+)}
 _ALIASES = {"pndm": "PLMS"}
 
 
@@ -264,19 +279,38 @@ def sampler_names() -> list[str]:
 
 def sampler_table() -> list[tuple[str, str]]:
     """(name, default schedule) of every sampler, for listings."""
-    return [(name, schedule) for name, (_, schedule) in SAMPLERS.items()]
+    return [(name, spec.default_schedule) for name, spec in SAMPLERS.items()]
 
 
-def resolve_sampler(name: str):
-    """A name as users type it -> (sampler function, schedule name): "DPM++ 2M Karras" -> (sample_dpmpp_2m,
-    "karras"), "k_euler_a" -> (sample_euler_a, "normal")."""
-    key = _key(name)
+def _parse(typed: str) -> tuple[SamplerSpec, str | None]:
+    """A name as users type it -> (its spec, the schedule named as its suffix or None)."""
+    key = _key(typed)
     found = _lookup(key)
     if found is not None:
-        return SAMPLERS[found]
+        return SAMPLERS[found], None
     for schedule in schedule_names():
         suffix = _key(schedule)
         if key.endswith(suffix) and (found := _lookup(key[: -len(suffix)])) is not None:
-            return SAMPLERS[found][0], schedule
-    raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)} (case and punctuation "
+            return SAMPLERS[found], schedule
+    raise InputError(f"unknown sampler {typed!r}; choose one of {', '.join(SAMPLERS)} (case and punctuation "
                      f"do not matter), optionally followed by a schedule: {', '.join(schedule_names())}")
+
+
+def sampler_spec(typed: str) -> tuple[SamplerSpec, str]:
+    """A name as users type it -> (its spec, the schedule to use: the suffix's, else the sampler's default)."""
+    spec, schedule = _parse(typed)
+    return spec, schedule or spec.default_schedule
+
+
+def resolve_sampler(typed: str) -> tuple[Callable, str]:
+    """A name as users type it -> (sampler function, schedule name): "DPM++ 2M Karras" -> (sample_dpmpp_2m,
+    "karras"), "k_euler_a" -> (sample_euler_a, "normal")."""
+    spec, schedule = sampler_spec(typed)
+    return spec.fn, schedule
+
+
+def canonical_sampler_name(typed: str) -> tuple[str, str | None]:
+    """A name as users type it -> (A1111's name of the sampler, the schedule its suffix names or None):
+    "dpmpp_2m_karras" -> ("DPM++ 2M", "karras"), "k_euler_a" -> ("Euler a", None)."""
+    spec, schedule = _parse(typed)
+    return spec.name, schedule

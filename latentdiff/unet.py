@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conditioning import Control
 from .config import UNetConfig
 from .errors import InputError
 from .layers import GroupNorm32, attention, from_tokens, group_norm, timestep_embedding, to_tokens
@@ -167,8 +168,8 @@ class UNet(nn.Module):
         self.cfg = cfg
         base, emb_ch, last = cfg.model_channels, 4 * cfg.model_channels, len(cfg.channel_mult) - 1
 
-        def transformer(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.heads_at(ch), cfg.transformer_depth, cfg.context_dim,
+        def transformer(ch: int, level: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.heads_at(ch), cfg.depth_at(level), cfg.context_dim,
                                       cfg.use_linear_projection, cfg.upcast_attention)
 
         self.time_embed = nn.Sequential(nn.Linear(base, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
@@ -181,7 +182,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, emb_ch, base * mult)]
                 ch = base * mult
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepBlock(*layers))
                 skips.append(ch)
             if level != last:
@@ -189,7 +190,7 @@ class UNet(nn.Module):
                 skips.append(ch)
 
         # SD always attends at the lowest resolution, whatever attention_levels says.
-        self.middle_block = TimestepBlock(ResBlock(ch, emb_ch, ch), transformer(ch), ResBlock(ch, emb_ch, ch))
+        self.middle_block = TimestepBlock(ResBlock(ch, emb_ch, ch), transformer(ch, last), ResBlock(ch, emb_ch, ch))
 
         # Up path: one more block per level than on the way down, so every skip is consumed.
         self.output_blocks = nn.ModuleList()
@@ -198,17 +199,23 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skips.pop(), emb_ch, base * mult)]
                 ch = base * mult
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, H, W) latents; t: (B,) or scalar timesteps, fractional allowed;
-        context: (B, tokens, context_dim). Returns eps or v, shaped like x."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+                control: Control | None = None) -> torch.Tensor:
+        """x: (B, in_channels, H, W) latents (and conditioning channels); t: (B,) or scalar timesteps,
+        fractional allowed; context: (B, tokens, context_dim); control: ControlNet residuals, one per
+        input block output (added to its skip connection) and one for the middle block's output.
+        Returns eps or v, shaped like the latents (out_channels)."""
         self._check_inputs(x, t, context)
+        if y is not None:
+            raise InputError("UNet: got a vector conditioning y, but this U-Net has no label embedding to take it "
+                             "(SD 1.x/2.x text-to-image U-Nets are conditioned on the context only)")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
@@ -218,9 +225,18 @@ class UNet(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h, skips = self._add_control(control, h, skips)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+    def _add_control(self, control: Control, h: torch.Tensor, skips: list) -> tuple[torch.Tensor, list]:
+        """The middle block's output and the skips with ControlNet's residuals added."""
+        if len(control.skips) != len(skips):
+            raise InputError(f"UNet control: {len(control.skips)} skip residuals for {len(skips)} input blocks; "
+                             f"is the ControlNet built for this U-Net?")
+        return h + control.middle.to(h.dtype), [s + r.to(s.dtype) for s, r in zip(skips, control.skips)]
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
         cfg, factor = self.cfg, 2 ** (len(self.cfg.channel_mult) - 1)

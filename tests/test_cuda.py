@@ -2,12 +2,14 @@
 compiled U-Net with CUDA graphs against eager. Every test here needs a CUDA device and is reported as
 skipped, with that reason, where PyTorch sees none; tools/gpu_check.sh runs them on a lent GPU."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from tiny import SD1, tiny_model
 
-import latentdiff.pipeline as pipeline_module
+import latentdiff.request as request_module
 from latentdiff.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; PyTorch sees none here")
@@ -50,19 +52,19 @@ def test_sampling_loop_never_waits_for_the_gpu(sampler, monkeypatch):
     """CUDA's sync debug mode turns every synchronising call (a .item(), a copy from pageable host
     memory, ...) into an error; it is on for the whole sampling loop, per-step noise and timesteps
     included, and off for the prompt encoding before it and the decode after it."""
-    resolve = pipeline_module.resolve_sampler
+    resolve = request_module.sampler_spec
 
     def strict(name):
-        sample, schedule = resolve(name)
+        spec, schedule = resolve(name)
 
         def sample_without_syncs(*args, **kwargs):
             torch.cuda.set_sync_debug_mode("error")
             try:
-                return sample(*args, **kwargs)
+                return spec.fn(*args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return sample_without_syncs, schedule
-    monkeypatch.setattr(pipeline_module, "resolve_sampler", strict)
+        return dataclasses.replace(spec, fn=sample_without_syncs), schedule
+    monkeypatch.setattr(request_module, "sampler_spec", strict)
     result = Pipeline(tiny_model(SD1), device="cuda").txt2img(PROMPT, **{**FAST, "sampler": sampler})
     assert np.asarray(result.images[0]).std() > 0
 

@@ -10,7 +10,9 @@ Tolerance: max abs diff <= 1e-4 on final latents of magnitude ~1 (fp32; the two 
 operations differently over up to 50 model calls). Measured: at most 3e-6 for every sampler.
 """
 
+import dataclasses
 import functools
+import inspect
 import warnings
 
 import diffusers
@@ -238,7 +240,7 @@ def test_denoiser_formulas():
 
     x = torch.ones(2, 1, 2, 2)
     sigma = training_sigmas(ACP)[400]
-    eps = DiscreteDenoiser(model, ACP, prediction="eps")(x, sigma, context="c")
+    eps = DiscreteDenoiser(model, ACP, prediction="eps")(x, sigma, cond="c")
     assert torch.allclose(eps, x - sigma * 0.5)
     assert torch.allclose(calls[0][0], x / (sigma**2 + 1) ** 0.5) and calls[0][2] == "c"
     assert calls[0][1].shape == (2,) and torch.allclose(calls[0][1], torch.tensor([400.0, 400.0]))
@@ -275,10 +277,10 @@ def test_cfg_one_batched_call():
     cond, uncond = torch.full((3, 77, 8), 1.0), torch.full((3, 77, 8), -1.0)
     guided = cfg(x, sigma, cond=cond, uncond=uncond, cfg_scale=7.5)
     assert batches == [6]  # uncond and cond in one call
-    expected = base(x, sigma, context=uncond) + 7.5 * (base(x, sigma, context=cond) - base(x, sigma, context=uncond))
+    expected = base(x, sigma, cond=uncond) + 7.5 * (base(x, sigma, cond=cond) - base(x, sigma, cond=uncond))
     assert torch.allclose(guided, expected, atol=1e-5)
     batches.clear()
-    assert torch.equal(cfg(x, sigma, cond=cond, uncond=uncond, cfg_scale=1.0), base(x, sigma, context=cond))
+    assert torch.equal(cfg(x, sigma, cond=cond, uncond=uncond, cfg_scale=1.0), base(x, sigma, cond=cond))
     assert batches == [3, 3]  # scale 1: no unconditional half
     with pytest.raises(InputError, match="uncond shape"):
         cfg(x, sigma, cond=cond, uncond=uncond[:1], cfg_scale=7.5)
@@ -332,10 +334,88 @@ def test_registry_listing_and_errors():
     names = sampling.sampler_names()
     assert names == [name for name, _ in sampling.sampler_table()]
     for name in names:  # every listed name resolves to its own entry
-        assert sampling.resolve_sampler(name) == sampling.SAMPLERS[name]
+        spec = sampling.SAMPLERS[name]
+        assert sampling.resolve_sampler(name) == (spec.fn, spec.default_schedule)
     with pytest.raises(InputError, match=r"unknown sampler 'Eular'; choose one of .*DPM\+\+ 2M.*karras"):
         sampling.resolve_sampler("Eular")
     with pytest.raises(InputError, match="sigmas"):
         sampling.sample_euler(DiscreteDenoiser(network(), ACP), initial_noise(), torch.tensor([1.0, 2.0]))
     with pytest.raises(InputError, match="eta must be >= 0"):
         sampling.sample_ddim(DiscreteDenoiser(network(), ACP), initial_noise(), torch.tensor([1.0, 0.0]), eta=-1)
+
+
+@pytest.mark.parametrize("name", sampling.sampler_names())
+def test_sampler_spec_says_what_the_sampler_needs(name):
+    """takes_eta is the function's own eta parameter; a sampler whose noise is "none" never draws, and one
+    that needs noise draws (DDIM with eta > 0), so the pipeline can go by the metadata alone."""
+    spec = sampling.SAMPLERS[name]
+    assert spec.takes_eta == ("eta" in inspect.signature(spec.fn).parameters)
+    assert spec.noise in ("none", "independent", "brownian")
+    draws = []
+
+    def noise_sampler(sigma, sigma_next):
+        draws.append((float(sigma), float(sigma_next)))
+        return torch.zeros_like(initial_noise())
+
+    sigmas = make_sigmas(spec.default_schedule, 3, ACP)
+    spec.fn(DiscreteDenoiser(network(), ACP), initial_noise() * sigmas[0], sigmas, noise_sampler=noise_sampler,
+            **({"eta": 0.5} if spec.takes_eta else {}))
+    assert bool(draws) == (spec.noise != "none")
+
+
+@pytest.mark.parametrize("typed,canonical", [
+    ("dpmpp_2m_karras", ("DPM++ 2M", "karras")),
+    ("DPM++ 2M", ("DPM++ 2M", None)),
+    ("k_euler_a", ("Euler a", None)),
+    ("euler_ancestral", ("Euler a", None)),
+    ("dpmpp_sde_exponential", ("DPM++ SDE", "exponential")),
+    ("pndm", ("PLMS", None)),
+    ("Euler SGM Uniform", ("Euler", "sgm_uniform")),
+])
+def test_canonical_sampler_name(typed, canonical):
+    assert sampling.canonical_sampler_name(typed) == canonical
+    spec, schedule = sampling.sampler_spec(typed)
+    assert spec.name == canonical[0] and schedule == (canonical[1] or spec.default_schedule)
+
+
+def test_canonical_names_are_a1111s_and_unknown_names_are_refused():
+    # DDPM is not an A1111 sampler: it keeps the name diffusers and ComfyUI give it
+    assert set(sampling.sampler_names()) - {"DDPM"} <= {  # A1111's sampler list (v1.9 and later)
+        "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
+        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++",
+        "PLMS", "UniPC", "LCM"}
+    with pytest.raises(InputError, match="unknown sampler 'dpmpp_9m'"):
+        sampling.canonical_sampler_name("dpmpp_9m")
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ SDE"])
+def test_pipeline_draws_the_noise_the_spec_names(name, monkeypatch):
+    """The pipeline reads a sampler's needs from its spec: no noise sampler for "none", the per-image
+    generators' draws for "independent", those draws as a Brownian path for "brownian"."""
+    import latentdiff.pipeline as pipeline_module
+    import latentdiff.request as request_module
+    from latentdiff.pipeline import Pipeline
+    from tiny import SD1, tiny_model
+
+    seen, brownian = [], []
+    resolve, make_brownian = request_module.sampler_spec, pipeline_module.brownian_noise_sampler
+
+    def spy(typed):
+        spec, schedule = resolve(typed)
+
+        def run(*args, noise_sampler=None, **kwargs):
+            seen.append(noise_sampler)
+            return spec.fn(*args, noise_sampler=noise_sampler, **kwargs)
+        return dataclasses.replace(spec, fn=run), schedule
+
+    def spy_brownian(x, **kwargs):
+        brownian.append(make_brownian(x, **kwargs))
+        return brownian[-1]
+
+    monkeypatch.setattr(request_module, "sampler_spec", spy)
+    monkeypatch.setattr(pipeline_module, "brownian_noise_sampler", spy_brownian)
+    Pipeline(tiny_model(SD1), device="cpu", dtype=torch.float32).txt2img("a", steps=2, sampler=name, seed=1,
+                                                                         progress=False)
+    noise = sampling.SAMPLERS[name].noise
+    assert (seen[0] is None) == (noise == "none")
+    assert (seen[0] is not None and seen[0] in brownian) == (noise == "brownian")

@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from latentdiff.conditioning import Control
 from latentdiff.config import UNetConfig, preset
 from latentdiff.errors import CheckpointError, InputError, UnsupportedModelError
 from latentdiff.formats.unet import (detect_unet_config, unet_config_from_diffusers, unet_config_to_diffusers,
@@ -43,6 +44,12 @@ CASES = {
              attention_head_dim=[2, 2, 4, 4], cross_attention_dim=32, use_linear_projection=True),
         UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
                    num_heads=None, head_dim=16, context_dim=32, use_linear_projection=True)),
+    "inpainting_per_level_depth": (  # 9 inputs (latents + mask + masked image), SDXL-style depth per level
+        dict(in_channels=9, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+             down_block_types=(DOWN, CA_DOWN, CA_DOWN), up_block_types=(CA_UP, CA_UP, UP), attention_head_dim=4,
+             cross_attention_dim=32, transformer_layers_per_block=[1, 2, 3]),
+        UNetConfig(in_channels=9, out_channels=4, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                   attention_levels=(1, 2), num_heads=4, transformer_depth=(0, 2, 3), context_dim=32)),
 }
 
 # The U-Net config.json files of the real checkpoints (runwayml SD 1.5, stabilityai SD 2.1 768-v).
@@ -99,7 +106,7 @@ def test_parity_with_diffusers(name, caplog):
 
     height = max(8, 2 ** len(cfg.channel_mult))  # divisible by 2**(levels-1), the lowest level 2 px high
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, height, height * 3 // 2, generator=gen)  # non-square latent
+    x = torch.randn(2, cfg.in_channels, height, height * 3 // 2, generator=gen)  # non-square latent
     t = torch.tensor([999.0, 17.37])  # fractional timestep, as k-diffusion samplers produce
     context = torch.randn(2, 5, cfg.context_dim, generator=gen)
     with torch.no_grad():
@@ -195,6 +202,11 @@ def test_config_round_trip_through_diffusers_dict(name):
                num_heads=None, head_dim=64, transformer_depth=2, context_dim=48, use_linear_projection=True,
                upcast_attention=True),
     UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=3, attention_levels=(0, 2)),
+    # extra input channels and a depth per level (the middle block's is the last level's)
+    UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+               transformer_depth=(0, 2, 3), context_dim=32),
+    UNetConfig(in_channels=8, model_channels=32, channel_mult=(1, 2), attention_levels=(0,), transformer_depth=(2, 1),
+               context_dim=32),
 ])
 def test_detect_returns_the_config_it_was_built_from(cfg):
     # Configs that follow the documented head rule (conv -> 8 heads, linear -> 64-wide heads + upcast).
@@ -206,12 +218,12 @@ def test_detect_refuses_what_is_not_an_sd_unet():
     sd = meta_state_dict(UNet, base)
     with pytest.raises(UnsupportedModelError, match="label_emb.*SDXL"):
         detect_unet_config({**sd, "label_emb.0.0.weight": torch.zeros(1)})
-    with pytest.raises(UnsupportedModelError, match="inpainting"):
-        detect_unet_config(meta_state_dict(UNet, dataclasses.replace(base, in_channels=9)))
+    with pytest.raises(UnsupportedModelError, match="3 input channels but 4 output channels"):
+        detect_unet_config({**sd, "input_blocks.0.0.weight": torch.empty(32, 3, 3, 3, device="meta")})
     deeper = meta_state_dict(UNet, dataclasses.replace(base, transformer_depth=2))
-    shallow_mid = {k: v for k, v in deeper.items() if not k.startswith("middle_block.1.transformer_blocks.1.")}
-    with pytest.raises(UnsupportedModelError, match="depth varies"):
-        detect_unet_config(shallow_mid)
+    uneven = {k: v for k, v in deeper.items() if not k.startswith("output_blocks.3.1.transformer_blocks.1.")}
+    with pytest.raises(UnsupportedModelError, match=r"depth varies within a level \{0: \[1, 2\]\}"):
+        detect_unet_config(uneven)
     linear32 = dataclasses.replace(base, num_heads=None, head_dim=16, use_linear_projection=True)
     with pytest.raises(UnsupportedModelError, match="explicit UNetConfig"):
         detect_unet_config(meta_state_dict(UNet, linear32))
@@ -225,8 +237,9 @@ def test_detect_refuses_what_is_not_an_sd_unet():
 
 @pytest.mark.parametrize("change, message", [
     ({"addition_embed_type": "text_time"}, "addition_embed_type='text_time'"),  # SDXL
-    ({"transformer_layers_per_block": [1, 2, 10, 10]}, "varies per level"),  # SDXL
-    ({"in_channels": 9}, "inpainting"),
+    ({"transformer_layers_per_block": [[1, 1], [2, 2], [1, 1], [1, 1]]}, "not one number per level"),
+    ({"transformer_layers_per_block": [1, 2]}, "not one number per level"),
+    ({"in_channels": 3}, "3 input channels but 4 output channels"),
     ({"_class_name": "UNet2DModel"}, "not UNet2DConditionModel"),
     ({"attention_head_dim": [3, 7, 20, 20]}, "neither one head count nor one head width"),
     ({"attention_head_dim": [5, 10]}, r"attention_head_dim=\[5, 10\] for block_out_channels"),
@@ -255,3 +268,34 @@ def test_bad_inputs_raise_input_error():
         model(torch.zeros(1, 3, 8, 8), t, context)
     with pytest.raises(InputError, match="timestep"):
         model(torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 2.0, 3.0]), context)
+
+
+def test_control_residuals_match_diffusers():
+    """ControlNet residuals, one per skip connection and one on the middle block's output, enter as
+    diffusers' down_block_additional_residuals / mid_block_additional_residual do."""
+    kwargs, cfg = CASES["inpainting_per_level_depth"]
+    ref = diffusers_unet(kwargs, seed=4)
+    ours = UNet(cfg).eval()
+    ours.load_state_dict(unet_from_diffusers(ref.state_dict(), cfg), strict=True)
+    gen = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, cfg.in_channels, 8, 8, generator=gen), torch.tensor([600.0, 41.5])
+    context = torch.randn(2, 5, cfg.context_dim, generator=gen)
+    shapes = []  # of every input block's output and of the middle block's
+    hooks = [block.register_forward_hook(lambda m, i, out: shapes.append(out.shape))
+             for block in [*ours.input_blocks, ours.middle_block]]
+    with torch.no_grad():
+        plain = ours(x, t, context)
+    for hook in hooks:
+        hook.remove()
+    residuals = [torch.randn(shape, generator=gen) for shape in shapes]
+    control = Control(skips=tuple(residuals[:-1]), middle=residuals[-1])
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context, down_block_additional_residuals=tuple(residuals[:-1]),
+                       mid_block_additional_residual=residuals[-1]).sample
+        got = ours(x, t, context, control=control)
+    assert (got - plain).abs().max() > 0.1  # the residuals do reach the output
+    assert (got - expected).abs().max().item() <= 1e-4  # fp32, same weights: summation order only
+    with pytest.raises(InputError, match="3 skip residuals for 6 input blocks"):
+        ours(x, t, context, control=Control(skips=control.skips[:3], middle=control.middle))
+    with pytest.raises(InputError, match="no label embedding"):
+        ours(x, t, context, y=torch.zeros(2, 8))

@@ -116,10 +116,6 @@ _READ = {"in_channels", "out_channels", "block_out_channels", "down_block_types"
          "cross_attention_dim", "use_linear_projection", "upcast_attention"}
 # Options with no effect on the weights or on inference.
 _IGNORED = {"sample_size", "dropout", "addition_embed_type_num_heads"}
-_EXTRA_INPUT_CHANNELS = {9: "an inpainting U-Net (9 input channels: latent + mask + masked image)",
-                         8: "an instruct-pix2pix U-Net (8 input channels)",
-                         5: "a depth-conditioned U-Net (5 input channels)",
-                         7: "an upscaler U-Net (7 input channels)"}
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
@@ -128,9 +124,9 @@ def _unsupported(what: str) -> UnsupportedModelError:
 
 
 def _check_channels(in_channels: int, out_channels: int, where: str) -> None:
-    if in_channels != out_channels:
-        kind = _EXTRA_INPUT_CHANNELS.get(in_channels, "a U-Net whose input and output channels differ")
-        raise _unsupported(f"{where}: this is {kind} ({in_channels} in, {out_channels} out)")
+    """More inputs than outputs are conditioning channels (inpainting, ...); fewer make no U-Net we know."""
+    if in_channels < out_channels:
+        raise _unsupported(f"{where}: {in_channels} input channels but {out_channels} output channels")
 
 
 def _uniform(value, key: str):
@@ -139,6 +135,15 @@ def _uniform(value, key: str):
         if len(set(value)) != 1:
             raise _unsupported(f"diffusers config: {key}={list(value)} varies per level")
         return value[0]
+    return value
+
+
+def _per_level(value, levels: int, key: str):
+    """A number, or one per level (flat: a list of lists would vary within a level)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels or not all(isinstance(v, int) for v in value):
+            raise _unsupported(f"diffusers config: {key}={list(value)} is not one number per level ({levels})")
+        return tuple(value)
     return value
 
 
@@ -198,7 +203,8 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
         channel_mult=tuple(w // base for w in widths),
         num_res_blocks=_uniform(d.get("layers_per_block", 2), "layers_per_block"),
         attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim,
-        transformer_depth=_uniform(d.get("transformer_layers_per_block", 1), "transformer_layers_per_block"),
+        transformer_depth=_per_level(d.get("transformer_layers_per_block", 1), len(widths),
+                                     "transformer_layers_per_block"),
         context_dim=_uniform(d.get("cross_attention_dim", 1280), "cross_attention_dim"),
         use_linear_projection=bool(d.get("use_linear_projection", False)),
         upcast_attention=bool(d.get("upcast_attention", False)))
@@ -217,7 +223,9 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) ->
         "down_block_types": down, "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
         # the misnamed head COUNT (see unet_config_from_diffusers)
         "attention_head_dim": cfg.num_heads if cfg.num_heads is not None else [cfg.heads_at(w) for w in widths],
-        "transformer_layers_per_block": cfg.transformer_depth, "cross_attention_dim": cfg.context_dim,
+        "transformer_layers_per_block": (cfg.transformer_depth if isinstance(cfg.transformer_depth, int)
+                                         else list(cfg.transformer_depth)),
+        "cross_attention_dim": cfg.context_dim,
         "use_linear_projection": cfg.use_linear_projection, "upcast_attention": cfg.upcast_attention,
         **_SD_FIXED,
     }
@@ -275,9 +283,17 @@ def detect_unet_config(sd: dict[str, torch.Tensor]) -> UNetConfig:
     for key in sd:
         if match := re.match(r"(.+)\.transformer_blocks\.(\d+)\.", key):
             blocks_per_transformer.setdefault(match[1], set()).add(match[2])
-    depths = {len(blocks) for blocks in blocks_per_transformer.values()}
-    if len(depths) != 1:
-        raise _unsupported(f"U-Net state dict: transformer depth varies per block ({sorted(depths)})")
+    depths_per_level: dict[int, set[int]] = {}  # the middle block counts as the last level
+    for prefix, blocks in blocks_per_transformer.items():
+        kind, n = prefix.split(".")[0], int(prefix.split(".")[1])
+        if kind == "input_blocks":
+            level = (n - 1) // per_level
+        else:  # output blocks run from the last level up; the middle block is its own
+            level = n_levels - 1 - n // per_level if kind == "output_blocks" else n_levels - 1
+        depths_per_level.setdefault(level, set()).add(len(blocks))
+    if varying := {level: sorted(d) for level, d in depths_per_level.items() if len(d) != 1}:
+        raise _unsupported(f"U-Net state dict: transformer depth varies within a level {varying}")
+    depth = tuple(depths_per_level.get(level, {0}).pop() for level in range(n_levels))
 
     linear = len(shape("middle_block.1.proj_in.weight")) == 2
     widths = [base * m for m in mults]
@@ -291,6 +307,6 @@ def detect_unet_config(sd: dict[str, torch.Tensor]) -> UNetConfig:
     return UNetConfig(
         in_channels=in_channels, out_channels=out_channels, model_channels=base, channel_mult=tuple(mults),
         num_res_blocks=num_res_blocks, attention_levels=tuple(attention_levels),
-        num_heads=None if linear else 8, head_dim=64 if linear else None, transformer_depth=depths.pop(),
+        num_heads=None if linear else 8, head_dim=64 if linear else None, transformer_depth=depth,
         context_dim=shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
         use_linear_projection=linear, upcast_attention=linear)
