@@ -171,7 +171,8 @@ def say(line: str) -> None:
 
 
 def _generate(args, image=None) -> int:
-    from .images import fit_to_multiple, format_parameters, save_png
+    from .images import fit_to_multiple, save_png
+    from .infotext import format_parameters
     from .loader import model_hash
 
     jobs = _jobs(args)
@@ -246,20 +247,17 @@ def cmd_txt2img(args) -> int:
 
 def _apply_png(args) -> None:
     """Fill the flags from a PNG's parameters so the same image is generated again."""
-    from .images import parse_parameters, read_png_parameters
+    from .infotext import parse_parameters, read_png_parameters, to_fields
     text = read_png_parameters(args.from_png)
-    if not text:
-        raise InputError(f"--from-png {args.from_png}: the PNG carries no 'parameters' text chunk")
-    prompt, negative, params = parse_parameters(text)
-    args.prompt, args.negative_prompt = prompt, negative
-    width, height = (int(v) for v in params["Size"].split("x"))
-    args.width, args.height = width, height
-    args.steps, args.sampler, args.seed = int(params["Steps"]), params["Sampler"], int(params["Seed"])
-    args.schedule = params.get("Schedule type")
-    args.cfg_scale = float(params["CFG scale"])
-    args.clip_skip = int(params.get("Clip skip", 1))
-    args.eta = float(params["Eta"]) if "Eta" in params else None
-    args.batch_size, args.n_iter = 1, 1
+    try:
+        fields, unhonoured = to_fields(parse_parameters(text))
+    except InputError as e:
+        raise InputError(f"--from-png {args.from_png}: {e}") from None
+    if fields.pop("strength", None) is not None:  # an img2img image: txt2img has no init image for it
+        unhonoured.append("Denoising strength")
+    vars(args).update({"clip_skip": 1, "eta": None} | fields, batch_size=1, n_iter=1)  # A1111 omits defaults
+    if unhonoured:
+        say(f"note: --from-png: not replayed (latentdiff cannot honour them): {', '.join(unhonoured)}")
 
 
 def cmd_img2img(args) -> int:
@@ -270,11 +268,8 @@ def cmd_img2img(args) -> int:
 def cmd_info(args) -> int:
     path = Path(args.path)
     if path.suffix.lower() == ".png":
-        from .images import read_png_parameters
-        text = read_png_parameters(path)
-        if text is None:
-            raise InputError(f"{path}: no generation parameters in this PNG")
-        print(text)
+        from .infotext import read_png_parameters
+        print(read_png_parameters(path))
         return 0
     from .loader import load_model, model_hash
     model = load_model(path, prediction=args.prediction, device="cpu")

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from latentdiff.cli import DEMO_MODEL
-from latentdiff.images import parse_parameters, read_png_parameters
+from latentdiff.infotext import parse_parameters, read_png_parameters
 from latentdiff.loader import load_model, model_hash, save_model
 from latentdiff.pipeline import Pipeline
 from latentdiff.train.evaluate import evaluate
