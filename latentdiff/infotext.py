@@ -40,9 +40,10 @@ A1111_TAIL_KEYS = ("Version", "User")
 TEMPLATE_KEYS = ("Template", "Negative Template")
 _NEGATIVE = "Negative prompt:"
 # One `Key: value` pair of the parameters line, as A1111 reads it: a value is either a JSON string in
-# double quotes or runs to the next comma.
-_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_KEY = re.compile(r"\w[\w \-/]*[\w\-/]")
+# double quotes or runs to the next comma. Unlike A1111, a key has at most 64 characters: unbounded,
+# a long line without colons takes quadratic time (80 kB of prompt: 100 s).
+_PAIR = re.compile(r'\s*(\w[\w \-/]{1,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\w[\w \-/]{0,62}[\w\-/]")
 # A1111 only takes the last line for parameters when it holds at least this many pairs.
 _MIN_PAIRS = 3
 
@@ -81,8 +82,8 @@ def format_parameters(prompt: str, negative_prompt: str, params: dict) -> str:
     for key in items:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise InputError(f"parameter name {key!r} cannot be written in the A1111 parameters "
-                             "line: use letters, digits, '_', '-', '/' and inner spaces, at least "
-                             "2 characters")
+                             "line: use letters, digits, '_', '-', '/' and inner spaces, 2 to 64 "
+                             "characters")
     if len(items) < _MIN_PAIRS:
         raise InputError(f"format_parameters got {len(items)} parameter(s) ({', '.join(items)}); "
                          f"A1111's format needs at least {_MIN_PAIRS} (e.g. Steps, Sampler, Seed) "
@@ -177,7 +178,7 @@ def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] == '"':
         try:
             value = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+        except json.JSONDecodeError:
             return text
         if isinstance(value, str):
             return value
@@ -188,7 +189,7 @@ def _json_object(text: str) -> dict | None:
     if not text.lstrip().startswith("{"):
         return None  # a prompt may start with "{" ("{red|blue} cat"): only valid JSON counts
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=str)  # str: int() refuses numbers of over 4300 digits
     except (json.JSONDecodeError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -220,9 +221,9 @@ SD_CPP_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2
 # A1111's "Schedule type" labels whose schedule has another name here: its Uniform is the model's own
 # timestep spacing (our normal), its DDIM the ldm DDIM timesteps.
 A1111_SCHEDULES = {"uniform": "normal", "ddim": "ddim_uniform"}
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")  # bounded: int() refuses over 4300 digits
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_SIZE = re.compile(r"([0-9]+)\s*x\s*([0-9]+)")
+_SIZE = re.compile(r"([0-9]{1,9})\s*x\s*([0-9]{1,9})")
 
 
 def to_fields(info: Infotext) -> tuple[dict, list[str]]:
@@ -378,13 +379,11 @@ def read_png_parameters(path: str | os.PathLike) -> str:
     path = Path(path)
     try:
         with Image.open(path) as image:
-            if image.format != "PNG":
-                raise InputError(f"{path} is a {image.format} image, not a PNG: generation "
-                                 "parameters are read from PNG text chunks only")
+            kind = image.format
             # Chunks before the pixel data (where PIL, hence A1111, writes them) are in `info` after
             # the open; `text` also finds chunks after it, but has to decode the pixels for that.
             chunks = {key: value for key, value in image.info.items() if isinstance(value, str)}
-            if "parameters" not in chunks:
+            if kind == "PNG" and "parameters" not in chunks:
                 chunks |= image.text
     except FileNotFoundError:
         raise InputError(f"image {path} does not exist: check the path") from None
@@ -398,6 +397,9 @@ def read_png_parameters(path: str | os.PathLike) -> str:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"cannot read the text chunks of {path} ({e}): the file is truncated, "
                          "corrupt or unreadable") from None
+    if kind != "PNG":
+        raise InputError(f"{path} is a {kind} image, not a PNG: generation parameters are read "
+                         "from PNG text chunks only")
     parameters = chunks.get("parameters")
     if parameters:
         return parameters if isinstance(parameters, PngImagePlugin.iTXt) else _utf8(parameters)
