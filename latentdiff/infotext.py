@@ -120,9 +120,8 @@ def parse_parameters(text: str) -> Infotext:
     if document is not None:
         raise InputError(f"the parameters are a JSON object written by {_json_writer(document)}, "
                          "not A1111 text: they cannot be replayed as A1111 parameters")
-    *lines, last = text.rstrip().split("\n")
-    lines, templates = _split_templates(lines + [last])
-    *lines, last = lines or [""]
+    lines, templates = _split_templates(text.rstrip().split("\n"))
+    *lines, last = lines
     pairs = _PAIR.findall(last)
     if len(pairs) < _MIN_PAIRS:
         lines.append(last)

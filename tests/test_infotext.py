@@ -12,6 +12,7 @@ import struct
 import zlib
 
 import pytest
+import torch
 from PIL import Image
 
 from latentdiff.errors import InputError
@@ -20,7 +21,7 @@ from latentdiff.infotext import (
     Infotext, format_parameters, from_fields, parse_parameters, read_png_parameters, to_fields,
 )
 from latentdiff.sampling import resolve_sampler
-from latentdiff.schedules import make_sigmas, schedule_names
+from latentdiff.schedules import make_sigmas
 
 A1111 = ("masterpiece, 1girl, <lora:add_detail:0.5>\n"
          "second line of prompt\n"
@@ -254,7 +255,7 @@ def test_an_unknown_schedule_is_kept_for_the_registry_to_name():
     fields, _ = to_fields(parse_parameters("p\nSteps: 1, Sampler: Euler, Schedule type: Align Your Steps"))
     assert fields["schedule"] == "Align Your Steps"
     with pytest.raises(InputError, match="unknown schedule 'Align Your Steps'"):
-        make_sigmas(fields["schedule"], 4, __import__("torch").linspace(0.99, 0.01, 1000))
+        make_sigmas(fields["schedule"], 4, torch.linspace(0.99, 0.01, 1000))
 
 
 @pytest.mark.parametrize("pair, message", [
@@ -444,6 +445,9 @@ def test_read_png_parameters_errors(tmp_path):
     with pytest.raises(InputError) as error:
         read_png_parameters(tmp_path / "photo.jpg")
     assert str(error.value).startswith(f"{tmp_path / 'photo.jpg'} is a JPEG image, not a PNG: ")
+    bomb = png_chunk(b"zTXt", b"parameters\x00\x00" + zlib.compress(b"a" * 50_000_000))  # 49 kB -> 50 MB
+    with pytest.raises(InputError, match="bomb.png .*MAX_TEXT_CHUNK"):
+        read_png_parameters(png_with(tmp_path, "bomb", bomb))
     good = save_png(Image.new("RGB", (8, 8)), tmp_path, "cut", PARAMS).read_bytes()
     (tmp_path / "cut.png").write_bytes(good[:40])  # cut inside the text chunk
     with pytest.raises(InputError, match="cut.png"):
