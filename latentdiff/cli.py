@@ -185,7 +185,7 @@ def _jobs(args, mode: str) -> list[Job]:
     flags = _flags(args)
     base, origin = {}, {name: FLAGS[name] for name in flags}
     if args.from_png:
-        base = _png_fields(args.from_png, mode, img2img_given="init_image" in flags)
+        base = _png_fields(args.from_png, mode)
         origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin
     if mode == "img2img" and "init_image" not in flags:
         raise InputError("img2img needs --init-image IMAGE: the picture to start from")
@@ -252,29 +252,19 @@ def _prompts_file(path: Path):
     return found
 
 
-def _png_fields(path: str, mode: str, img2img_given: bool) -> dict:
-    """The request fields a PNG's parameters give, for a replay; says what a replay cannot honour."""
-    from .images import parse_parameters, read_png_parameters
-    text = read_png_parameters(path)
-    if not text:
-        raise InputError(f"--from-png {path}: the PNG carries no 'parameters' text chunk")
-    prompt, negative, params = parse_parameters(text)
-    fields = {"prompt": prompt, "negative_prompt": negative}
+def _png_fields(path: str, mode: str) -> dict:
+    """The request fields a PNG's parameters give, for a replay; one note names what it cannot honour."""
+    from .infotext import parse_parameters, read_png_parameters, to_fields
     try:
-        if "Size" in params:
-            fields["width"], fields["height"] = (int(v) for v in params["Size"].split("x"))
-        for key, name, kind in (("Steps", "steps", int), ("Sampler", "sampler", str), ("Seed", "seed", int),
-                                ("Schedule type", "schedule", str), ("CFG scale", "cfg_scale", float),
-                                ("Clip skip", "clip_skip", int), ("Eta", "eta", float),
-                                ("Denoising strength", "strength", float)):
-            if key in params:
-                fields[name] = kind(params[key])
-    except ValueError as e:
-        raise InputError(f"--from-png {path}: malformed parameter ({e})") from None
+        fields, unhonoured = to_fields(parse_parameters(read_png_parameters(path)))
+    except InputError as e:
+        raise InputError(f"--from-png {path}: {e}") from None
     if "strength" in fields and mode == "txt2img":
         raise InputError(f"--from-png {path}: this image was made by img2img (Denoising strength "
                          f"{fields['strength']:g}); replay it with `latentdiff img2img --from-png {path} "
                          f"--init-image IMAGE`, giving the image it started from")
+    if unhonoured:
+        say(f"note: --from-png: not replayed (latentdiff cannot honour them): {', '.join(unhonoured)}")
     return fields
 
 
@@ -372,11 +362,8 @@ def cmd_img2img(args) -> int:
 def cmd_info(args) -> int:
     path = Path(args.path)
     if path.suffix.lower() == ".png":
-        from .images import read_png_parameters
-        text = read_png_parameters(path)
-        if text is None:
-            raise InputError(f"{path}: no generation parameters in this PNG")
-        print(text)
+        from .infotext import read_png_parameters
+        print(read_png_parameters(path))
         return 0
     from .loader import load_model, model_hash
     model = load_model(path, prediction=args.prediction, device="cpu")

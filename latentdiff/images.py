@@ -1,13 +1,11 @@
-"""Images in and out: reading user images, PIL <-> tensor, generation parameters, safe PNG saving.
+"""Images in and out: reading user images, PIL <-> tensor, safe PNG saving.
 
-Generation parameters use AUTOMATIC1111's "infotext" (the text its PNG Info tab shows), stored in a
-PNG text chunk named `parameters`, so A1111, Forge, ComfyUI loaders and civitai read our images and
-we read theirs.
+save_png stores the generation parameters text (infotext.py writes and reads it) in a PNG text
+chunk named `parameters`, where A1111, Forge, ComfyUI loaders and civitai look for it.
 """
 
 import contextlib
 import errno
-import json
 import os
 import re
 import secrets
@@ -170,138 +168,6 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-# ---------------------------------------------------------------------------------------- infotext
-
-# The order AUTOMATIC1111 writes its keys in; keys it does not know go between these and the tail.
-A1111_KEY_ORDER = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
-    "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength",
-    "Seed resize from", "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD",
-    "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling",
-)
-A1111_TAIL_KEYS = ("Version", "User")
-_NEGATIVE = "Negative prompt:"
-# One `Key: value` pair of the last line, as A1111 reads it: a value is either a JSON string in
-# double quotes or runs to the next comma.
-_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_KEY = re.compile(r"\w[\w \-/]*[\w\-/]")
-# A1111 only takes the last line for parameters when it holds at least this many pairs.
-_MIN_PAIRS = 3
-
-
-def format_parameters(prompt: str, negative_prompt: str, params: dict) -> str:
-    """Generation parameters as A1111's infotext.
-
-    Line 1 (more if the prompt has newlines) is the prompt, then `Negative prompt: ...` (left out
-    when empty), then one line of `Key: value` pairs joined by ", ": A1111's keys in A1111's order,
-    then other keys in the order given, then Version and User. None values are left out (as A1111
-    does), an integral float is written without ".0" (CFG scale: 7), other values with str().
-    Values holding a comma, colon, control character, leading quote or edge whitespace are written
-    as JSON strings, as A1111 does. Size is the caller's "WIDTHxHEIGHT" string.
-
-    Raises InputError for what the format cannot carry: keys outside A1111's key grammar, fewer
-    than three parameters (A1111 would read the line as part of the prompt), or a prompt line that
-    starts with "Negative prompt:".
-    """
-    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        for number, line in enumerate(text.split("\n"), start=1):
-            if line.lstrip().startswith(_NEGATIVE):
-                raise InputError(f"line {number} of the {name} starts with {_NEGATIVE!r}, which "
-                                 "readers of the parameters take as the start of the negative "
-                                 "prompt: reword that line")
-    items = {key: value for key, value in params.items() if value is not None}
-    for key in items:
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
-            raise InputError(f"parameter name {key!r} cannot be written in the A1111 parameters "
-                             "line: use letters, digits, '_', '-', '/' and inner spaces, at least "
-                             "2 characters")
-    if len(items) < _MIN_PAIRS:
-        raise InputError(f"format_parameters got {len(items)} parameter(s) ({', '.join(items)}); "
-                         f"A1111's format needs at least {_MIN_PAIRS} (e.g. Steps, Sampler, Seed) "
-                         "to tell the parameters line from the prompt")
-    known = [key for key in A1111_KEY_ORDER if key in items]
-    tail = [key for key in A1111_TAIL_KEYS if key in items]
-    others = [key for key in items if key not in known and key not in tail]
-    pairs = ", ".join(f"{key}: {_quote(_value_text(items[key]))}" for key in known + others + tail)
-    lines = [prompt] if prompt else []
-    if negative_prompt:
-        lines.append(f"{_NEGATIVE} {negative_prompt}")
-    return "\n".join(lines + [pairs])
-
-
-def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
-    """Read A1111's infotext back into (prompt, negative_prompt, {key: value string}).
-
-    The last line holds the parameters when it has at least three `Key: value` pairs (A1111's
-    rule); otherwise there are none and every line belongs to the prompts. Values stay strings
-    (quoted ones unquoted); Size stays "WIDTHxHEIGHT". Unlike A1111, prompt lines are not stripped,
-    so format_parameters' output reads back exactly.
-    """
-    *lines, last = text.rstrip().split("\n")
-    pairs = _PAIR.findall(last)
-    if len(pairs) < _MIN_PAIRS:
-        lines.append(last)
-        pairs = []
-    prompt_lines, negative_lines = [], None
-    for line in lines:
-        if negative_lines is None and line.startswith(_NEGATIVE):
-            rest = line[len(_NEGATIVE):]
-            negative_lines = [rest[1:] if rest.startswith(" ") else rest]
-        elif negative_lines is None:
-            prompt_lines.append(line)
-        else:
-            negative_lines.append(line)
-    params = {key: _unquote(value) for key, value in pairs}
-    return "\n".join(prompt_lines), "\n".join(negative_lines or []), params
-
-
-def _value_text(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _quote(text: str) -> str:
-    needs_quotes = (text != text.strip() or text.startswith('"')
-                    or any(c in ",:" or c < " " for c in text))
-    return json.dumps(text, ensure_ascii=False) if needs_quotes else text
-
-
-def _unquote(text: str) -> str:
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        with contextlib.suppress(json.JSONDecodeError):
-            value = json.loads(text)
-            if isinstance(value, str):
-                return value
-    return text
-
-
-def read_png_parameters(path: str | os.PathLike) -> str | None:
-    """The `parameters` text chunk (tEXt, iTXt or zTXt) of a PNG, or None if it has none.
-
-    Other formats return None: A1111 keeps JPEG/WebP parameters in EXIF, which is not read here.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                return None
-            # Chunks before the pixel data (where PIL, hence A1111, writes them) are in `info` after
-            # the open; `text` also finds chunks after it, but has to decode the pixels for that.
-            parameters = image.info.get("parameters") or image.text.get("parameters")
-    except FileNotFoundError:
-        raise InputError(f"image {path} does not exist: check the path") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{path} is not an image PIL can read: pass a PNG file") from None
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{path} is refused as a possible decompression bomb ({e}): raise "
-                         "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"cannot read the text chunks of {path} ({e}): the file is truncated, "
-                         "corrupt or unreadable") from None
-    return None if parameters is None else str(parameters)
-
-
 # ---------------------------------------------------------------------------------------- saving
 
 _MAX_STEM_BYTES = 120  # room for "-NNNN.png" under the 255-byte file-name limit of common filesystems
@@ -337,9 +203,9 @@ def save_png(image: Image.Image, outdir: str | os.PathLike, stem: str,
     """Save `image` as a PNG in `outdir` (created if needed) without ever overwriting a file.
 
     The name is `<stem>.png`, or `<stem>-1.png`, `<stem>-2.png`, ... for the first free one; the stem
-    goes through safe_stem(), so a prompt cannot steer the path out of outdir. `parameters` (see
-    format_parameters) goes into a PNG text chunk named "parameters" (tEXt, or iTXt when it is not
-    Latin-1), where A1111 and other tools look for it.
+    goes through safe_stem(), so a prompt cannot steer the path out of outdir. `parameters` (the text
+    infotext.py writes) goes into a PNG text chunk named "parameters" (tEXt, or iTXt when it is
+    not Latin-1), where A1111 and other tools look for it.
 
     The PNG is written and fsynced to a hidden temporary file in outdir, then hard-linked to the
     chosen name: linking fails if the name exists, so two processes can never take the same name,

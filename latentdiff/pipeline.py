@@ -16,7 +16,8 @@ from .conditioning import Cond, concat_family, map_tensors
 from .config import DTYPE_NAMES
 from .denoisers import CFGDenoiser, DiscreteDenoiser
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
-from .images import as_rgb_image, fit_to_multiple, format_parameters, pil_to_tensor, resize_to, tensor_to_pil
+from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
+from .infotext import from_fields
 from .loader import load_model, model_hash
 from .model import StableDiffusion
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
@@ -231,8 +232,9 @@ class Pipeline:
             if int(request.steps * request.strength) < 1:
                 raise FieldError("strength", f"{request.strength} with {request.steps} steps runs no step "
                                              f"(int(steps * strength) == 0): raise the strength or the steps")
-        prepared = request.replace(seed=seed, width=width or self.config.resolution,
-                                   height=height or self.config.resolution, init_image=image,
+        spec, schedule = request.sampler_spec  # recorded by A1111's name, with the schedule it resolves to
+        prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image,
+                                   width=width or self.config.resolution, height=height or self.config.resolution,
                                    batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode))
         prepared.check_size(multiple)
         return prepared, notes
@@ -261,14 +263,14 @@ class Pipeline:
     def infotext(self, request: GenerationRequest, index: int) -> str:
         """A1111's parameters text for image `index` of a prepared request (Result.request), as PNGs carry it."""
         i = index % request.batch_size
-        params = {"Steps": request.steps, "Sampler": request.sampler, "Schedule type": request.schedule,
-                  "CFG scale": request.cfg_scale, "Seed": request.seed + index,
-                  "Size": f"{request.width}x{request.height}", "Model hash": self.model_hash,
-                  "Model": self.source.stem if self.source else self.config.name,
-                  "Denoising strength": request.strength if request.init_image is not None else None,
-                  "Clip skip": request.clip_skip if request.clip_skip != 1 else None, "Eta": request.eta,
-                  "Version": f"latentdiff {__version__}"}
-        return format_parameters(request.prompts[i], request.negative_prompts[i], params)
+        fields = dict(prompt=request.prompts[i], negative_prompt=request.negative_prompts[i], steps=request.steps,
+                      sampler=request.sampler, schedule=request.schedule, cfg_scale=request.cfg_scale,
+                      seed=request.seed + index, width=request.width, height=request.height,
+                      clip_skip=request.clip_skip, eta=request.eta,
+                      strength=request.strength if request.init_image is not None else None)
+        return from_fields(fields, {"Model hash": self.model_hash,
+                                    "Model": self.source.stem if self.source else self.config.name,
+                                    "Version": f"latentdiff {__version__}"})
 
     @functools.cached_property
     def model_hash(self) -> str | None:

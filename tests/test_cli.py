@@ -24,7 +24,7 @@ from tiny import SD1, tiny_model
 
 import latentdiff
 from latentdiff.cli import main, say
-from latentdiff.images import parse_parameters, read_png_parameters
+from latentdiff.infotext import parse_parameters, read_png_parameters
 from latentdiff.loader import save_model
 from latentdiff.pipeline import Pipeline
 
@@ -120,7 +120,8 @@ def first_image(runs) -> Path:
 def test_txt2img_writes_the_pipeline_image_with_a1111_parameters(first_image, model_file):
     prompt, negative, params = parse_parameters(read_png_parameters(first_image))
     assert (prompt, negative) == ("a red circle", "blurry")
-    assert params["Steps"] == "2" and params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "5"
+    assert params["Steps"] == "2" and params["CFG scale"] == "5"
+    assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Karras")  # A1111's names, as typed "DPM++ 2M Karras"
     assert params["Seed"] == "7" and params["Size"] == "64x64" and params["Model"] == "tiny"
     assert params["Model hash"] == sha256(model_file)[:10]  # A1111's short hash of the file
     assert params["Version"] == f"latentdiff {latentdiff.__version__}"
@@ -351,7 +352,7 @@ def test_from_png_flags_override_the_png(runs, model_file, tmp_path):
                  "--dtype", "fp32", "-o", str(tmp_path), "--quiet"]) == 0
     prompt, negative, params = parse_parameters(read_png_parameters(tmp_path / "9.png"))
     assert (prompt, negative, params["Steps"], params["Seed"]) == ("a red circle", "blurry", "3", "9")
-    assert params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "5"  # the rest from the PNG
+    assert (params["Sampler"], params["Schedule type"], params["CFG scale"]) == ("DPM++ 2M", "Karras", "5")  # from the PNG
 
 
 def test_an_img2img_png_replays_as_img2img(runs, model_file, tmp_path, capsys):

@@ -17,7 +17,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from latentdiff.images import parse_parameters, read_png_parameters
+from latentdiff.infotext import parse_parameters, read_png_parameters
 from latentdiff.loader import load_model, model_hash, save_model
 from latentdiff.pipeline import Pipeline
 from latentdiff.resources import demo_model

@@ -1,4 +1,4 @@
-"""Images in and out: input normalisation, tensor conversion, A1111 parameters, safe PNG saving.
+"""Images in and out: input normalisation, tensor conversion, safe PNG saving.
 
 Every input image is made here with PIL; expected pixels follow from the format's definition
 (EXIF orientation, alpha over white, 16-bit scaling), never from our own output.
@@ -19,8 +19,7 @@ from PIL import Image
 
 from latentdiff.errors import GenerationError, InputError
 from latentdiff.images import (
-    fit_to_multiple, format_parameters, load_image, parse_parameters, pil_to_tensor,
-    read_png_parameters, safe_stem, save_png, tensor_to_pil,
+    fit_to_multiple, load_image, pil_to_tensor, safe_stem, save_png, tensor_to_pil,
 )
 
 WHITE = (255, 255, 255)
@@ -278,95 +277,9 @@ def test_tensor_to_pil_checks_shape():
         tensor_to_pil(torch.zeros(3, 8, 8))
 
 
-# ------------------------------------------------------------------------------------ infotext
-
-def test_format_parameters_follows_a1111_layout_and_order():
-    text = format_parameters(
-        "a cat, sitting", "blurry",
-        {"Version": "latentdiff 0.1.0", "Seed": 42, "Model": "my,model", "Custom thing": "x",
-         "Steps": 20, "Size": "512x768", "CFG scale": 7.0, "Sampler": "DPM++ 2M", "Clip skip": None,
-         "Denoising strength": 0.75},
-    )
-    assert text == (
-        "a cat, sitting\n"
-        "Negative prompt: blurry\n"
-        'Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x768, Model: "my,model", '
-        "Denoising strength: 0.75, Custom thing: x, Version: latentdiff 0.1.0"
-    )
-
-
-def test_format_parameters_leaves_out_an_empty_negative_prompt():
-    text = format_parameters("dog", "", {"Steps": 1, "Sampler": "Euler", "Seed": 3})
-    assert text == "dog\nSteps: 1, Sampler: Euler, Seed: 3"
-
-
-def test_parse_reads_an_a1111_infotext():
-    text = (
-        "masterpiece, 1girl, <lora:add_detail:0.5>\n"
-        "second line of prompt\n"
-        "Negative prompt: lowres, (worst quality:1.4)\n"
-        "Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3607441060, "
-        "Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.4, "
-        'Clip skip: 2, Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1'
-    )
-    prompt, negative, params = parse_parameters(text)
-    assert prompt == "masterpiece, 1girl, <lora:add_detail:0.5>\nsecond line of prompt"
-    assert negative == "lowres, (worst quality:1.4)"
-    assert params == {
-        "Steps": "28", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "6.5",
-        "Seed": "3607441060", "Size": "512x768", "Model hash": "6ce0161689",
-        "Model": "v1-5-pruned-emaonly", "Denoising strength": "0.4", "Clip skip": "2",
-        "Lora hashes": "add_detail: 7c6bad76eb54", "Version": "v1.10.1",
-    }
-
-
-def test_parse_without_a_parameters_line():
-    assert parse_parameters("just a prompt, nothing else") == ("just a prompt, nothing else", "", {})
-    assert parse_parameters("p\nNegative prompt: n\n") == ("p", "n", {})
-
-
-@pytest.mark.parametrize("prompt, negative", [
-    ("a, b: c", "x, y"),
-    ('he said "hi", then: bye\nsecond line\n\n  indented third', "neg line 1\nneg: line 2"),
-    ("  leading and trailing spaces  ", " neg with leading space"),
-    ("", "only a negative"),
-    ("", ""),
-    ("unicode 猫, émigré \\ backslash", ""),
-    ("ends with a newline\n", "Negative prompt"),
-])
-def test_infotext_round_trip(prompt, negative):
-    params = {"Steps": 30, "Sampler": "Euler a", "Seed": 7, "Size": "64x64",
-              "Model": 'quote " inside, comma', "Note": "colon: here", "Tricky": '"starts with quote',
-              "Multi line": "one\ntwo", "Padded": " pad ", "Empty": "", "Path/like-key": "a\\b",
-              "CFG scale": 7.5}
-    text = format_parameters(prompt, negative, params)
-    assert parse_parameters(text) == (prompt, negative, {k: str(v) for k, v in params.items()})
-    assert format_parameters(*parse_parameters(text)) == text  # and back again
-
-
-@pytest.mark.parametrize("params, message", [
-    ({"Steps": 1, "Seed": 2}, "at least 3"),
-    ({"Steps": 1, "Seed": 2, "Sampler": "x", "Bad: key": 1}, "Bad: key"),
-    ({"Steps": 1, "Seed": 2, "Sampler": "x", "X": 1}, "'X'"),
-    ({"Steps": 1, "Seed": 2, "Sampler": "x", "trailing ": 1}, "trailing "),
-])
-def test_format_parameters_refuses_what_cannot_round_trip(params, message):
-    with pytest.raises(InputError, match=message):
-        format_parameters("p", "", params)
-
-
-@pytest.mark.parametrize("prompt, negative, where", [
-    ("fine\nNegative prompt: sneaky", "", "line 2 of the prompt"),
-    ("fine", "ok\n  Negative prompt: twice", "line 2 of the negative prompt"),
-])
-def test_format_parameters_refuses_a_negative_prompt_marker_inside_a_prompt(prompt, negative, where):
-    with pytest.raises(InputError, match=where):
-        format_parameters(prompt, negative, {"Steps": 1, "Seed": 2, "Sampler": "x"})
-
-
 # ------------------------------------------------------------------------------------ saving
 
-PARAMS = format_parameters("a red fox, snow", "blurry", {"Steps": 20, "Sampler": "Euler", "Seed": 1})
+PARAMS = "a red fox, snow\nNegative prompt: blurry\nSteps: 20, Sampler: Euler, Seed: 1"
 
 
 def test_png_has_a_text_chunk_named_parameters_readable_by_plain_pil(tmp_path):
@@ -377,11 +290,10 @@ def test_png_has_a_text_chunk_named_parameters_readable_by_plain_pil(tmp_path):
     with Image.open(path) as image:
         assert image.text["parameters"] == PARAMS
         assert image.getpixel((0, 0)) == (9, 8, 7)
-    assert read_png_parameters(path) == PARAMS
 
 
 def test_non_latin1_parameters_survive_in_an_itxt_chunk(tmp_path):
-    text = format_parameters("一只猫, ☃", "", {"Steps": 1, "Sampler": "x", "Seed": 2})
+    text = "一只猫, ☃\nSteps: 1, Sampler: x, Seed: 2"
     path = save_png(Image.new("RGB", (8, 8)), tmp_path, "cat", text)
     assert b"iTXtparameters\x00" in path.read_bytes()
     with Image.open(path) as image:
@@ -391,34 +303,6 @@ def test_non_latin1_parameters_survive_in_an_itxt_chunk(tmp_path):
 def test_png_without_parameters(tmp_path):
     path = save_png(Image.new("RGB", (8, 8)), tmp_path, "plain", None)
     assert b"parameters" not in path.read_bytes()
-    assert read_png_parameters(path) is None
-
-
-def test_parameters_after_the_pixel_data_are_found_too(tmp_path):
-    # Some writers put text chunks after IDAT; plain PIL finds them, so must we.
-    plain = save_png(Image.new("RGB", (8, 8)), tmp_path, "plain", None).read_bytes()
-    body = b"parameters\x00" + PARAMS.encode("latin-1")
-    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
-    assert plain.endswith(b"IEND\xaeB`\x82")
-    path = tmp_path / "late.png"
-    path.write_bytes(plain[:-12] + chunk + plain[-12:])
-    assert plain.index(b"IDAT") < path.read_bytes().index(b"tEXtparameters")
-    assert read_png_parameters(path) == PARAMS
-
-
-def test_read_png_parameters_of_a_jpeg_is_none(tmp_path):
-    path = tmp_path / "photo.jpg"
-    Image.new("RGB", (8, 8)).save(path)
-    assert read_png_parameters(path) is None
-
-
-def test_read_png_parameters_errors(tmp_path):
-    with pytest.raises(InputError, match="does not exist"):
-        read_png_parameters(tmp_path / "missing.png")
-    text_file = tmp_path / "text.png"
-    text_file.write_text("hello")
-    with pytest.raises(InputError, match="not an image"):
-        read_png_parameters(text_file)
 
 
 def test_existing_file_is_never_overwritten(tmp_path):
