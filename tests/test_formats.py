@@ -156,9 +156,9 @@ def test_diffusers_converters_read_our_single_file(tmp_path):
     """diffusers' own ldm -> diffusers conversion functions, fed our file, build networks equal to ours."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint)
-    from latentdiff.formats.clip import text_config_to_hf
-    from latentdiff.formats.unet import unet_config_to_diffusers
-    from latentdiff.formats.vae import vae_config_to_diffusers
+    from latentdiff.formats.clip_keys import text_config_to_hf
+    from latentdiff.formats.unet_keys import unet_config_to_diffusers
+    from latentdiff.formats.vae_keys import vae_config_to_diffusers
 
     model = random_model(SD1)
     checkpoint = load_file(write_single_file(model, tmp_path / "m.safetensors"))

@@ -17,9 +17,9 @@ from ..clip import Tokenizer
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import StableDiffusion, build_on_meta
-from .clip import text_config_from_hf, text_config_to_hf
-from .unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_from_diffusers, unet_to_diffusers
-from .vae import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, vae_to_diffusers
+from .clip_keys import text_config_from_hf, text_config_to_hf
+from .unet_keys import unet_config_from_diffusers, unet_config_to_diffusers, unet_from_diffusers, unet_to_diffusers
+from .vae_keys import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, vae_to_diffusers
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 WEIGHT_FILES = {

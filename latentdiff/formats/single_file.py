@@ -15,9 +15,9 @@ from ..checkpoint import load_strict, read_state_dict, safetensors_metadata, sav
 from ..config import ModelConfig, config_from_dict, config_to_dict
 from ..errors import CheckpointError
 from ..model import StableDiffusion, build_on_meta
-from .clip import detect_text_config, openclip_to_ours, ours_to_openclip
-from .unet import detect_unet_config
-from .vae import detect_vae_config
+from .clip_keys import detect_text_config, openclip_to_ours, ours_to_openclip
+from .unet_keys import detect_unet_config
+from .vae_keys import detect_vae_config
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 OPENCLIP = TEXT + "model."
