@@ -13,6 +13,7 @@ import torch
 from ..config import UNetConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..unet import UNet
+from .families import EXTRA_INPUT_CHANNELS
 
 # ldm ResBlock sub-layers -> diffusers ResnetBlock2D names; the transformer keeps its names in both.
 _RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -116,10 +117,6 @@ _READ = {"in_channels", "out_channels", "block_out_channels", "down_block_types"
          "cross_attention_dim", "use_linear_projection", "upcast_attention"}
 # Options with no effect on the weights or on inference.
 _IGNORED = {"sample_size", "dropout", "addition_embed_type_num_heads"}
-_EXTRA_INPUT_CHANNELS = {9: "an inpainting U-Net (9 input channels: latent + mask + masked image)",
-                         8: "an instruct-pix2pix U-Net (8 input channels)",
-                         5: "a depth-conditioned U-Net (5 input channels)",
-                         7: "an upscaler U-Net (7 input channels)"}
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
@@ -129,7 +126,7 @@ def _unsupported(what: str) -> UnsupportedModelError:
 
 def _check_channels(in_channels: int, out_channels: int, where: str) -> None:
     if in_channels != out_channels:
-        kind = _EXTRA_INPUT_CHANNELS.get(in_channels, "a U-Net whose input and output channels differ")
+        kind = EXTRA_INPUT_CHANNELS.get(in_channels, "a U-Net whose input and output channels differ")
         raise _unsupported(f"{where}: this is {kind} ({in_channels} in, {out_channels} out)")
 
 
