@@ -1,53 +1,92 @@
 """The `latentdiff` command: txt2img, img2img, info, convert, samplers."""
 
 import argparse
+import hashlib
 import json
 import logging
-import secrets
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, LatentDiffError
+from .config import DTYPE_NAMES
+from .errors import FieldError, InputError, LatentDiffError
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "weights" / "demo" / "model.safetensors"
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+# request fields as the command line names them
+FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
+         "steps": "--steps", "sampler": "--sampler", "schedule": "--schedule", "cfg_scale": "--cfg-scale",
+         "seed": "--seed", "batch_size": "--batch-size", "n_iter": "--n-iter", "clip_skip": "--clip-skip",
+         "eta": "--eta", "strength": "--strength", "init_image": "--init-image", "resize_mode": "--resize-mode",
+         "device": "--device", "dtype": "--dtype"}
+# the per-line options of a JSON prompts file: the request's plain fields
+JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
+            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"single-file checkpoint or diffusers folder (default: the bundled demo "
-                                   f"model, {DEMO_MODEL})")
+    p.add_argument("--model", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder (default: the "
+                                   "bundled demo model)")
     p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES),
                    help="default: fp16 on CUDA, bf16 on CPUs with AMX / AVX512-BF16, else fp32")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", help="what to draw")
-    p.add_argument("-n", "--negative-prompt", default="")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 20, or the model's own default)")
-    p.add_argument("--sampler", default="Euler a", help="sampler name as users type it (see `latentdiff samplers`)")
-    p.add_argument("--schedule", help="sigma schedule (default: the sampler's own, e.g. karras for 'DPM++ 2M Karras')")
-    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, help="random when omitted (and printed); image i of a batch uses seed+i")
-    p.add_argument("--batch-size", type=int, default=1, help="images per sampling run")
-    p.add_argument("--n-iter", type=int, default=1, help="number of sampling runs")
-    p.add_argument("--clip-skip", type=int, default=1, help="1 = the model's layer, 2 = one earlier, ...")
-    p.add_argument("--eta", type=float, help="noise amount for DDIM and ancestral samplers")
-    p.add_argument("-o", "--outdir", default="outputs", help="output folder (created; never overwritten)")
-    p.add_argument("--prompts-file", help="batch mode: one prompt per line, or JSON lines with per-line options")
+def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
+    from .request import DEFAULTS, RESIZE_MODES
+    # Defaults live in GenerationRequest; a flag left out is absent here, so --from-png can tell it from one given.
+    flag = dict(default=argparse.SUPPRESS)
+    p.add_argument("prompt", nargs="?", help="what to draw", **flag)
+    p.add_argument("-n", "--negative-prompt", help="what to steer away from (default: none)", **flag)
+    p.add_argument("-W", "--width", type=int, help="image width, a multiple of 64 between 64 and 4096 (default: " +
+                   ("the init image's, cropped to a multiple of 64)" if img2img else "the model's native size)"), **flag)
+    p.add_argument("-H", "--height", type=int, help="image height, as --width", **flag)
+    p.add_argument("--steps", type=int, help=f"sampling steps (default: {DEFAULTS.steps})", **flag)
+    p.add_argument("--sampler", help=f"sampler name as A1111 and ComfyUI users type it; `latentdiff samplers` "
+                                     f"lists them (default: {DEFAULTS.sampler})", **flag)
+    p.add_argument("--schedule", help="sigma schedule (default: the sampler's own, e.g. karras for "
+                                      "'DPM++ 2M Karras')", **flag)
+    p.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale, 1 = off "
+                                                   f"(default: {DEFAULTS.cfg_scale:g})", **flag)
+    p.add_argument("--seed", type=int, help="-1 or left out: random (and printed); image i of a batch uses seed+i",
+                   **flag)
+    p.add_argument("--batch-size", type=int, help=f"images per sampling run (default: {DEFAULTS.batch_size})",
+                   **flag)
+    p.add_argument("--n-iter", type=int, help=f"number of sampling runs (default: {DEFAULTS.n_iter})", **flag)
+    p.add_argument("--clip-skip", type=int, help="1 = the model's text layer, 2 = one earlier, ... (default: 1)",
+                   **flag)
+    p.add_argument("--eta", type=float, help="noise amount of DDIM, the ancestral and the SDE samplers "
+                                             "(default: the sampler's own)", **flag)
+    p.add_argument("--from-png", help="take the parameters this PNG carries; flags given as well override them")
+    if img2img:
+        p.add_argument("--init-image", help="the starting image (required)")
+        p.add_argument("--strength", type=float, help=f"0..1: how much to change, 1 = ignore the image "
+                                                      f"(default: {DEFAULTS.strength})", **flag)
+        p.add_argument("--resize-mode", choices=RESIZE_MODES, metavar="MODE",
+                       help=f"with -W/-H: {', '.join(RESIZE_MODES)} (default: {DEFAULTS.resize_mode})", **flag)
+    p.add_argument("-o", "--outdir", default="outputs", help="output folder, created; files are never overwritten "
+                                                             "(default: outputs)")
+    p.add_argument("--prompts-file", help="batch mode: one prompt per line, or JSON lines with per-line options; "
+                                          "a rerun skips the images already made")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_flags(p)
     speed = p.add_argument_group("speed and memory")
     speed.add_argument("--threads", type=int, help="CPU threads (default: one per physical core; fewer can win "
                                                    "when other programs keep the cores busy)")
-    speed.add_argument("--vae-tiling", default="auto", metavar="{auto,on,off}",
-                       help="decode/encode the image in overlapping tiles to bound memory (auto: above 1024x1024)")
+    speed.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"),
+                       help="decode/encode the image in overlapping tiles to bound memory (default: auto, which "
+                            "tiles above 1024x1024)")
     speed.add_argument("--attention-slice", type=int, metavar="TOKENS",
-                       help="sliced attention: query blocks of this many tokens (e.g. 1024); off by default")
+                       help="sliced attention: query blocks of this many tokens, e.g. 1024 (default: off)")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the U-Net (minutes up front; falls back to eager if it fails)")
     speed.add_argument("--offload", action="store_true",
@@ -55,27 +94,21 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentdiff", description="Stable Diffusion text-to-image and image-to-image.")
+    parser = Parser(prog="latentdiff", description="Stable Diffusion text-to-image and image-to-image.")
+    parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t2i = sub.add_parser("txt2img", help="generate images from a prompt")
-    _add_generation_flags(t2i)
-    t2i.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's native size)")
-    t2i.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the model's native size)")
-    t2i.add_argument("--from-png", help="regenerate the image whose parameters this PNG carries")
-    i2i = sub.add_parser("img2img", help="redraw an image guided by a prompt (SDEdit)")
-    _add_generation_flags(i2i)
-    i2i.add_argument("--init-image", required=True, help="the starting image")
-    i2i.add_argument("--strength", type=float, default=0.75, help="0..1: how much to change (1 = ignore the image)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+    _add_generation_flags(sub.add_parser("txt2img", help="generate images from a prompt"), img2img=False)
+    _add_generation_flags(sub.add_parser("img2img", help="redraw an image guided by a prompt (SDEdit)"), img2img=True)
     info = sub.add_parser("info", help="show a checkpoint's architecture or a PNG's generation parameters")
-    info.add_argument("path")
-    info.add_argument("--prediction", choices=["eps", "v"])
+    info.add_argument("path", help="a checkpoint file, a diffusers folder or a PNG")
+    info.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type")
     conv = sub.add_parser("convert", help="single file <-> diffusers folder")
     conv.add_argument("source", help="a .safetensors/.ckpt file or a diffusers folder")
     conv.add_argument("target", help="*.safetensors -> single file; anything else -> a new diffusers folder")
     conv.add_argument("--config", help="preset instead of detection (single-file sources)")
-    conv.add_argument("--prediction", choices=["eps", "v"])
-    conv.add_argument("--dtype", choices=sorted(DTYPES),
+    conv.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type")
+    conv.add_argument("--dtype", choices=list(DTYPE_NAMES),
                       help="cast the weights (e.g. fp16 halves the size); default: keep the source's dtypes")
     sub.add_parser("samplers", help="list sampler names and schedules")
     return parser
@@ -87,81 +120,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a reader gone away (`| head`) is seen below, not at exit
+        return status
+    except BrokenPipeError:
+        # stdout's reader has gone (`latentdiff info X | head -1`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (LatentDiffError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         if args.debug:
             raise
-        print(f"latentdiff: error: {e}", file=sys.stderr)
+        print(f"latentdiff: error: {_for_the_command_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("latentdiff: interrupted", file=sys.stderr)
         return 130
 
 
-# -- commands --------------------------------------------------------------------------------------------
-
-def _torch_dtype(name):
-    import torch
-    return getattr(torch, DTYPES[name]) if name else None
-
-
-def _pipeline(args, device=None):
-    from .fastpaths import set_threads
-    from .pipeline import Pipeline
-    from .tiling import check_tiling_mode
-    check_tiling_mode(args.vae_tiling)  # bad switches fail before the model loads
-    set_threads(args.threads)
-    model = args.model or DEMO_MODEL
-    if not Path(model).exists():
-        hint = "pass --model PATH" if args.model else "the bundled demo model is missing: pass --model PATH"
-        raise InputError(f"model not found: {model} ({hint})")
-    return Pipeline.from_pretrained(model, config=args.config, prediction=args.prediction,
-                                    device=args.device or device, dtype=_torch_dtype(args.dtype),
-                                    vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
-                                    compile=args.compile, offload=args.offload)
-
-
-def _jobs(args) -> list[dict]:
-    """The generation jobs: one per prompt line in batch mode, else the command line's own prompt."""
-    if not args.prompts_file:
-        if not args.prompt:
-            raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
-        return [{"prompt": args.prompt}]
-    path = Path(args.prompts_file)
-    if not path.is_file():
-        raise InputError(f"--prompts-file {path}: no such file")
-    jobs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("{"):
-            try:
-                job = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"--prompts-file {path}:{n}: invalid JSON ({e.msg})") from None
-            unknown = set(job) - set(JOB_KEYS)
-            if unknown or "prompt" not in job:
-                raise InputError(f"--prompts-file {path}:{n}: needs a 'prompt'; allowed keys {sorted(JOB_KEYS)}, "
-                                 f"unknown {sorted(unknown)}")
-            for key, value in job.items():
-                expected = (int, float) if JOB_KEYS[key] is float else JOB_KEYS[key]
-                if not isinstance(value, expected) or isinstance(value, bool):
-                    raise InputError(f"--prompts-file {path}:{n}: {key!r} must be {TYPE_NAMES[JOB_KEYS[key]]}, "
-                                     f"not {json.dumps(value)}")
-        else:
-            job = {"prompt": line}
-        jobs.append(job | {"line": n})
-    if not jobs:
-        raise InputError(f"--prompts-file {path}: no prompts in it")
-    return jobs
-
-
-# the per-line options of a JSON prompts file, with the type each value must have
-JOB_KEYS = {"prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "schedule": str, "cfg_scale": float,
-            "seed": int, "width": int, "height": int, "batch_size": int, "n_iter": int, "clip_skip": int,
-            "strength": float}
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+def _for_the_command_line(error: Exception) -> str:
+    """A library error as the command line names things: field names become the flags that set them (or the
+    prompts-file line or PNG that did), as recorded in the error's `origin`."""
+    if not isinstance(error, FieldError):
+        return str(error)
+    origin = getattr(error, "origin", {}).get(error.field) or FLAGS.get(error.field, error.field)
+    return f"{origin} {error.problem}"
 
 
 def say(line: str) -> None:
@@ -171,101 +153,219 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _generate(args, image=None) -> int:
-    from .images import fit_to_multiple, format_parameters, save_png
-    from .loader import model_hash
+# -- generation ----------------------------------------------------------------------------------------
 
-    jobs = _jobs(args)
-    batch_mode = args.prompts_file is not None
-    device, tag = None, ""
-    if batch_mode:  # under `accelerate launch`, each process takes its share of the prompts (and its own GPU)
-        import torch
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-        # PartialState splits work across CPU processes (gloo) only when told cpu=True; it does not read
-        # ACCELERATE_USE_CPU itself, and without a GPU the processes would each run every prompt.
-        cpu = (args.device or "").startswith("cpu") or parse_flag_from_env("ACCELERATE_USE_CPU") \
-            or not torch.cuda.is_available()
-        state = PartialState(cpu=cpu)
-        if state.num_processes > 1:
-            device, tag = state.device, f"[process {state.process_index + 1}/{state.num_processes}] "
-        with state.split_between_processes(jobs) as mine:
-            jobs = list(mine)
-    pipe = _pipeline(args, device)
-    if image is not None and min(image.size) >= pipe.size_multiple():  # smaller ones fail the size check
-        fitted = fit_to_multiple(image, pipe.size_multiple())
-        if fitted.size != image.size:
-            say(f"note: --init-image cropped from {image.width}x{image.height} to {fitted.width}x{fitted.height} "
-                f"(sides must be multiples of {pipe.size_multiple()})")
-        image = fitted
-    model_path = Path(args.model or DEMO_MODEL)
-    short_hash = model_hash(model_path)
-    outdir = Path(args.outdir)
+class Job:
+    """One request to run, where each of its fields came from (for messages), and in batch mode the stem of
+    its files, made from its content so that a rerun of an edited prompts file finds what is already done."""
+
+    def __init__(self, request, origin: dict[str, str], stem: str | None = None):
+        self.request, self.origin, self.stem = request, origin, stem
+
+    def check(self, fn, *args, **kwargs):
+        """fn(...) with a FieldError told where its field came from."""
+        try:
+            return fn(*args, **kwargs)
+        except FieldError as e:
+            e.origin = self.origin
+            raise
+
+
+def _flags(args) -> dict:
+    """The request fields given as flags (left-out flags are absent: see _add_generation_flags)."""
+    fields = {name: getattr(args, name) for name in FLAGS if hasattr(args, name) and name not in ("device", "dtype")}
+    if getattr(args, "init_image", None) is None:
+        fields.pop("init_image", None)
+    return fields
+
+
+def _jobs(args, mode: str) -> list[Job]:
+    """The jobs of a command line: one per prompts-file line in batch mode, else one from the flags and
+    (with --from-png) the PNG's parameters. Each is validated here, before any model loads."""
+    from .request import FIELD_NAMES, GenerationRequest
+    flags = _flags(args)
+    base, origin = {}, {name: FLAGS[name] for name in flags}
+    if args.from_png:
+        base = _png_fields(args.from_png, mode, img2img_given="init_image" in flags)
+        origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin
+    if mode == "img2img" and "init_image" not in flags:
+        raise InputError("img2img needs --init-image IMAGE: the picture to start from")
+    if not args.prompts_file:
+        if "prompt" not in flags and "prompt" not in base:
+            raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
+        job = Job(GenerationRequest(**(base | flags)), origin)
+        job.check(job.request.validate)
+        return _load_init_images([job])
+    jobs, seen = [], {}
+    for n, line_fields in _prompts_file(Path(args.prompts_file)):
+        where = f"--prompts-file {args.prompts_file}:{n}:"
+        fields = base | flags | line_fields
+        line_origin = origin | {name: f"{where} {name}" for name in line_fields}
+        unknown = set(fields) - set(FIELD_NAMES)
+        assert not unknown, unknown  # _prompts_file admits JOB_KEYS only
+        content = json.dumps({k: str(v) for k, v in sorted(fields.items())}, ensure_ascii=False)
+        seen[content] = seen.get(content, -1) + 1  # identical lines are separate jobs
+        key = hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:12]
+        job = Job(GenerationRequest(**fields), line_origin, stem=key)
+        job.check(job.request.validate)
+        jobs.append(job)
+    return _load_init_images(jobs)
+
+
+def _load_init_images(jobs: list[Job]) -> list[Job]:
+    """Each init image read once, now: a bad file fails before the model loads."""
+    from .images import load_image
+    loaded = {}
     for job in jobs:
-        opts = {k.replace("-", "_"): getattr(args, k.replace("-", "_"), None) for k in JOB_KEYS} | job
-        steps = 20 if opts["steps"] is None else opts["steps"]
-        if opts["n_iter"] < 1:
-            raise InputError(f"--n-iter must be at least 1, not {opts['n_iter']}")
-        base_seed = opts["seed"] if opts["seed"] is not None else secrets.randbelow(2**32)
-        for it in range(opts["n_iter"]):
-            seed = base_seed + it * opts["batch_size"]
-            stems = [f"{job['line']:05d}-{it * opts['batch_size'] + i:03d}" for i in range(opts["batch_size"])] \
-                if batch_mode else None
+        path = job.request.init_image
+        if path is not None:
+            loaded[path] = loaded.get(path) or load_image(path)
+            job.request = job.request.replace(init_image=loaded[path])
+    return jobs
+
+
+def _prompts_file(path: Path):
+    """(line number, fields) for each prompt of a prompts file: plain lines are prompts, JSON lines hold
+    request fields (JOB_KEYS); blank lines and # comments are skipped."""
+    if not path.is_file():
+        raise InputError(f"--prompts-file {path}: no such file")
+    found = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("{"):
+            found.append((n, {"prompt": line}))
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--prompts-file {path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(fields, dict):
+            raise InputError(f"--prompts-file {path}:{n}: a JSON line must be an object of options")
+        unknown = sorted(set(fields) - set(JOB_KEYS))
+        if unknown or "prompt" not in fields:
+            raise InputError(f"--prompts-file {path}:{n}: needs a 'prompt'; allowed keys {list(JOB_KEYS)}, "
+                             f"unknown {unknown}")
+        found.append((n, fields))
+    if not found:
+        raise InputError(f"--prompts-file {path}: no prompts in it")
+    return found
+
+
+def _png_fields(path: str, mode: str, img2img_given: bool) -> dict:
+    """The request fields a PNG's parameters give, for a replay; says what a replay cannot honour."""
+    from .images import parse_parameters, read_png_parameters
+    text = read_png_parameters(path)
+    if not text:
+        raise InputError(f"--from-png {path}: the PNG carries no 'parameters' text chunk")
+    prompt, negative, params = parse_parameters(text)
+    fields = {"prompt": prompt, "negative_prompt": negative}
+    try:
+        if "Size" in params:
+            fields["width"], fields["height"] = (int(v) for v in params["Size"].split("x"))
+        for key, name, kind in (("Steps", "steps", int), ("Sampler", "sampler", str), ("Seed", "seed", int),
+                                ("Schedule type", "schedule", str), ("CFG scale", "cfg_scale", float),
+                                ("Clip skip", "clip_skip", int), ("Eta", "eta", float),
+                                ("Denoising strength", "strength", float)):
+            if key in params:
+                fields[name] = kind(params[key])
+    except ValueError as e:
+        raise InputError(f"--from-png {path}: malformed parameter ({e})") from None
+    if "strength" in fields and mode == "txt2img":
+        raise InputError(f"--from-png {path}: this image was made by img2img (Denoising strength "
+                         f"{fields['strength']:g}); replay it with `latentdiff img2img --from-png {path} "
+                         f"--init-image IMAGE`, giving the image it started from")
+    return fields
+
+
+def _check_outdir(outdir: Path) -> None:
+    """The output folder can be made (save_png makes it) or written, checked before any model work and without
+    creating anything yet: a run that fails leaves no trace."""
+    existing = next(p for p in (outdir.absolute(), *outdir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"-o/--outdir {outdir}: {existing} is a file, not a folder; choose another folder")
+    try:  # a real probe: permissions, read-only mounts and special filesystems all answer it
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise InputError(f"-o/--outdir {outdir}: cannot write in {existing} ({e.strerror}); choose a writable "
+                         f"folder") from None
+
+
+def _pipeline(args, device=None):
+    from .fastpaths import set_threads
+    from .pipeline import Pipeline
+    set_threads(args.threads)
+    if args.model and not Path(args.model).expanduser().exists():
+        raise InputError(f"model not found: {args.model} (pass --model PATH)")
+    return Pipeline.from_pretrained(args.model, config=args.config, prediction=args.prediction,
+                                    device=args.device or device, dtype=args.dtype,
+                                    vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
+                                    compile=args.compile, offload=args.offload)
+
+
+def _split_between_processes(jobs: list[Job], args) -> tuple[list[Job], object, str]:
+    """Under `accelerate launch`, each process takes its share of the jobs (and its own GPU)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    # PartialState splits work across CPU processes (gloo) only when told cpu=True; it does not read
+    # ACCELERATE_USE_CPU itself, and without a GPU the processes would each run every prompt.
+    cpu = (args.device or "").startswith("cpu") or parse_flag_from_env("ACCELERATE_USE_CPU") \
+        or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes == 1:
+        return jobs, None, ""
+    with state.split_between_processes(jobs) as mine:
+        return list(mine), state.device, f"[process {state.process_index + 1}/{state.num_processes}] "
+
+
+def _generate(args, mode: str) -> int:
+    import secrets
+
+    from .images import save_png
+    from .request import RANDOM_SEED
+
+    jobs = _jobs(args, mode)
+    outdir = Path(args.outdir)
+    _check_outdir(outdir)
+    device, tag = None, ""
+    if args.prompts_file:
+        jobs, device, tag = _split_between_processes(jobs, args)
+    pipe = _pipeline(args, device)
+    for job in jobs:
+        request = job.request
+        if request.seed == RANDOM_SEED:  # chosen once, so that iteration k starts at seed + k * batch_size
+            request = request.replace(seed=secrets.randbelow(2**32))
+        for it in range(request.n_iter):
+            first = it * request.batch_size
+            run = request.replace(n_iter=1, seed=request.seed + first)
+            stems = [f"{job.stem}-{first + i:03d}" for i in range(len(run.prompts))] if job.stem else None
             if stems and all((outdir / f"{s}.png").exists() for s in stems):
                 say(f"{tag}skip (exists): {outdir / stems[0]}.png ...")
                 continue
-            common = dict(steps=steps, sampler=opts["sampler"], schedule=opts["schedule"], cfg_scale=opts["cfg_scale"],
-                          seed=seed, batch_size=opts["batch_size"], clip_skip=opts["clip_skip"], eta=args.eta,
-                          progress=not args.quiet)
-            if image is None:
-                result = pipe.txt2img(opts["prompt"], opts["negative_prompt"] or "", width=opts["width"],
-                                      height=opts["height"], **common)
-            else:
-                result = pipe.img2img(image, opts["prompt"], opts["negative_prompt"] or "", strength=opts["strength"],
-                                      **common)
-            for i, (img, img_seed) in enumerate(zip(result.images, result.seeds)):
-                params = {"Steps": steps, "Sampler": opts["sampler"], "Schedule type": opts["schedule"],
-                          "CFG scale": opts["cfg_scale"], "Seed": img_seed, "Size": f"{img.width}x{img.height}",
-                          "Model hash": short_hash, "Model": model_path.stem,
-                          "Denoising strength": opts["strength"] if image is not None else None,
-                          "Clip skip": opts["clip_skip"] if opts["clip_skip"] != 1 else None,
-                          "Eta": args.eta, "Version": f"latentdiff {__version__}"}
-                text = format_parameters(opts["prompt"], opts["negative_prompt"] or "",
-                                         {k: v for k, v in params.items() if v is not None})
-                path = save_png(img, outdir, stems[i] if stems else f"{img_seed}", text)
-                say(f"{tag}saved {path} (seed {img_seed})")
+            result = job.check(pipe.generate, run, progress=not args.quiet)
             for note in result.notes:
                 say(f"note: {note}")
+            for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+                if stems and (outdir / f"{stems[i]}.png").exists():
+                    continue
+                path = save_png(image, outdir, stems[i] if stems else f"{seed}", pipe.infotext(result.request, i))
+                say(f"{tag}saved {path} (seed {seed})")
     return 0
 
 
+def _torch_dtype(name):
+    from .pipeline import parse_dtype
+    return parse_dtype(name) if name else None
+
+
 def cmd_txt2img(args) -> int:
-    if args.from_png:
-        _apply_png(args)
-    return _generate(args)
-
-
-def _apply_png(args) -> None:
-    """Fill the flags from a PNG's parameters so the same image is generated again."""
-    from .images import parse_parameters, read_png_parameters
-    text = read_png_parameters(args.from_png)
-    if not text:
-        raise InputError(f"--from-png {args.from_png}: the PNG carries no 'parameters' text chunk")
-    prompt, negative, params = parse_parameters(text)
-    args.prompt, args.negative_prompt = prompt, negative
-    width, height = (int(v) for v in params["Size"].split("x"))
-    args.width, args.height = width, height
-    args.steps, args.sampler, args.seed = int(params["Steps"]), params["Sampler"], int(params["Seed"])
-    args.schedule = params.get("Schedule type")
-    args.cfg_scale = float(params["CFG scale"])
-    args.clip_skip = int(params.get("Clip skip", 1))
-    args.eta = float(params["Eta"]) if "Eta" in params else None
-    args.batch_size, args.n_iter = 1, 1
+    return _generate(args, "txt2img")
 
 
 def cmd_img2img(args) -> int:
-    from .images import load_image
-    return _generate(args, load_image(args.init_image))  # cropped to the model's size multiple once loaded
+    return _generate(args, "img2img")
 
 
 def cmd_info(args) -> int:

@@ -11,6 +11,9 @@ from pathlib import Path
 from .errors import InputError
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# precisions by the names users type
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+               "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 @dataclass(frozen=True)

@@ -20,5 +20,14 @@ class InputError(LatentDiffError, ValueError):
     """A bad argument, flag, prompt or input image."""
 
 
+class FieldError(InputError):
+    """A bad value of one request field. `field` is its Python name; the message reads "<field> <problem>",
+    and an entry point that names fields its own way (the CLI: --flags) rewrites it with `problem`."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 class GenerationError(LatentDiffError):
     """Generation produced something unusable (NaN/Inf) even after the fallbacks."""

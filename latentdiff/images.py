@@ -111,6 +111,32 @@ def fit_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
     return image.crop((left, top, left + new_width, top + new_height))
 
 
+
+def as_rgb_image(image: Image.Image | str | os.PathLike) -> Image.Image:
+    """A path or a PIL image (any mode) as an upright 8-bit RGB image, as load_image reads files."""
+    if isinstance(image, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(image), Path("<PIL image>"))
+    return load_image(image)
+
+
+def resize_to(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """`image` at exactly width x height, by one of A1111's img2img resize modes:
+    "just resize" stretches it; "crop and resize" scales it to cover the size and crops the centre;
+    "resize and fill" scales it to fit inside and fills the two margins by repeating its edge pixels."""
+    if image.size == (width, height):
+        return image
+    if mode == "just resize":
+        return image.resize((width, height), Image.LANCZOS)
+    cover = mode == "crop and resize"
+    scale = (max if cover else min)(width / image.width, height / image.height)
+    scaled = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    if cover:
+        left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    pad_x, pad_y = width - scaled.width, height - scaled.height
+    pad = ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0))
+    return Image.fromarray(np.pad(np.asarray(scaled), pad, mode="edge"))
+
 # ---------------------------------------------------------------------------------------- tensors
 
 def pil_to_tensor(image: Image.Image, device: torch.device | str = "cpu",

@@ -1,6 +1,6 @@
 """The pipeline object: prompt -> text features -> sampled latents -> decoded images (txt2img, img2img)."""
 
-import inspect
+import functools
 import logging
 import secrets
 from contextlib import contextmanager, nullcontext
@@ -11,19 +11,20 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import fastpaths
+from . import __version__, fastpaths
+from .config import DTYPE_NAMES
 from .denoisers import CFGDenoiser, DiscreteDenoiser
-from .errors import GenerationError, InputError
-from .images import pil_to_tensor, tensor_to_pil
-from .loader import load_model
+from .errors import FieldError, GenerationError, InputError
+from .images import as_rgb_image, fit_to_multiple, format_parameters, pil_to_tensor, resize_to, tensor_to_pil
+from .loader import load_model, model_hash
 from .model import StableDiffusion
-from .sampling import resolve_sampler
+from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
+from .resources import demo_model
 from .sampling_stochastic import brownian_noise_sampler, sample_dpmpp_sde
 from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
 from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
 log = logging.getLogger("latentdiff")
-MIN_SIDE, MAX_SIDE = 64, 4096
 
 
 @dataclass
@@ -32,13 +33,44 @@ class Result:
     seeds: list[int]
     latents: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)  # fallbacks taken, e.g. the fp32 VAE retry
+    request: GenerationRequest | None = None  # what ran, with seed, size and init image filled in
+
+
+RUN_OPTIONS = ("callback", "progress", "return_latents", "noise_device")
 
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device (CUDA if there is one, else the CPU) and the fast dtype for it that keeps image quality:
     fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (fastpaths.default_dtype)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return device, dtype or fastpaths.default_dtype(device)
+    device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, parse_dtype(dtype) if dtype is not None else fastpaths.default_dtype(device)
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device that this machine has; FieldError("device") otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise FieldError("device", f"{device!r} is not a device: use cpu, cuda, cuda:1, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FieldError("device", f"{device}: this machine has no CUDA GPU that PyTorch can use "
+                                   f"(torch {torch.__version__}); leave it out, or use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise FieldError("device", f"{device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FieldError("device", f"{device}: Apple's MPS is not available on this machine; leave it out, or use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise FieldError("device", f"{device}: latentdiff runs on cpu, cuda or mps")
+    return device
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """A torch floating-point dtype, or its name as users type it ("fp16", "bf16", "float32", ...)."""
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
+        return getattr(torch, DTYPE_NAMES[dtype.lower()])
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    raise FieldError("dtype", f"{dtype!r}: choose one of {', '.join(DTYPE_NAMES)} (or a torch dtype)")
 
 
 class Pipeline:
@@ -63,16 +95,23 @@ class Pipeline:
         self._unet = fastpaths.compile_unet(model.unet, self.device) if compile else model.unet
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, *, config=None, prediction: str | None = None,
+    def from_pretrained(cls, source: str | Path | None = None, *, config=None, prediction: str | None = None,
                         device=None, dtype=None, **options) -> "Pipeline":
         """A single-file checkpoint or a diffusers folder; `config` is a preset name (e.g. "sd2-v") or a
-        ModelConfig for single files whose architecture should not be detected. `options`: see the class."""
+        ModelConfig for single files whose architecture should not be detected. `options`: see the class.
+        Without a source: the bundled demo model."""
+        source = demo_model() if source is None else source
         device, dtype = default_device_dtype(device, dtype)
         model = load_model(source, config=config, prediction=prediction, dtype=dtype)
         return cls(model, device=device, dtype=dtype, source=source, **options)
 
-    def to(self, device=None, dtype=None) -> "Pipeline":
-        device = torch.device(device) if device else self.model.device
+    def to(self, *args, device=None, dtype=None) -> "Pipeline":
+        """Like nn.Module.to: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cpu", "bf16")`."""
+        for arg in args:
+            is_dtype = isinstance(arg, torch.dtype) or (isinstance(arg, str) and arg.lower() in DTYPE_NAMES)
+            dtype, device = (arg, device) if is_dtype else (dtype, arg)
+        device = check_device(device) if device is not None else self.model.device
+        dtype = parse_dtype(dtype) if dtype is not None else None
         if self.offload and device.type != "cuda":
             raise InputError(f"--offload keeps the text encoder and VAE in CPU memory between their runs on a "
                              f"CUDA GPU; this pipeline runs on {device}, where it would save nothing: leave "
@@ -110,8 +149,8 @@ class Pipeline:
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
         """Token features for each prompt. `clip_skip` counts as A1111 does: 1 = the model's own layer,
         2 = one layer earlier, ..."""
-        if clip_skip < 1 or clip_skip > self.config.text.layers:
-            raise InputError(f"--clip-skip must be between 1 and {self.config.text.layers}, not {clip_skip}")
+        if not 1 <= clip_skip <= self.config.text.layers:
+            raise FieldError("clip_skip", f"must be between 1 and {self.config.text.layers}, not {clip_skip}")
         for prompt in set(prompts):
             dropped = self.model.tokenizer.dropped_words(prompt)
             if dropped:
@@ -126,12 +165,6 @@ class Pipeline:
         """Image sides must divide down through the VAE and every U-Net level: 64 for SD, whose
         8x VAE feeds a U-Net that halves the latent three times."""
         return self.config.vae.downsample_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
-
-    def check_size(self, width: int, height: int, names: tuple[str, str] = ("--width", "--height")) -> None:
-        m = self.size_multiple()
-        for flag, side in zip(names, (width, height)):
-            if side % m or not MIN_SIDE <= side <= MAX_SIDE:
-                raise InputError(f"{flag} {side}: must be a multiple of {m} between {MIN_SIDE} and {MAX_SIDE}")
 
     def _generators(self, seeds: list[int], noise_device: str) -> list[torch.Generator]:
         """One generator per image seeded with its own seed (A1111: image i gets seed + i), so a batch
@@ -154,58 +187,103 @@ class Pipeline:
         base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
         return CFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
 
-    @torch.no_grad()
-    def txt2img(self, prompt: str, negative_prompt: str = "", *, width: int | None = None,
-                height: int | None = None, steps: int = 20, sampler: str = "euler a", schedule: str | None = None,
-                cfg_scale: float = 7.0, seed: int | None = None, batch_size: int = 1, clip_skip: int = 1,
-                eta: float | None = None, callback=None, progress: bool = True, return_latents: bool = False,
-                noise_device: str = "cpu") -> Result:
-        width, height = width or self.config.resolution, height or self.config.resolution
-        self.check_size(width, height)
-        return self._generate(prompt, negative_prompt, None, 1.0, width, height, steps, sampler, schedule,
-                              cfg_scale, seed, batch_size, clip_skip, eta, callback, progress, return_latents,
-                              noise_device)
+    # -- generation ---------------------------------------------------------------------------------
+
+    def txt2img(self, prompt: str | list[str], negative_prompt: str | list[str] = "", **options) -> Result:
+        """`options`: any GenerationRequest field (steps, sampler, seed, ...) and the run options of generate()."""
+        return self._run("txt2img", dict(prompt=prompt, negative_prompt=negative_prompt), options)
+
+    def img2img(self, image, prompt: str | list[str], negative_prompt: str | list[str] = "", **options) -> Result:
+        """SDEdit: encode the image (a PIL image or a path), noise it to the strength's level, denoise the rest
+        of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple."""
+        return self._run("img2img", dict(init_image=image, prompt=prompt, negative_prompt=negative_prompt), options)
+
+    def _run(self, where: str, fields: dict, options: dict) -> Result:
+        run = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
+        if options.get("seed", 0) is None:  # Python callers say None for "random"
+            options["seed"] = RANDOM_SEED
+        return self.generate(request_from_kwargs(where, **fields, **options), **run)
+
+    def prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
+        """The request with everything the model decides filled in (size, seed, init image at its final size),
+        checked against the model. Returns it with notes for the user (e.g. how the init image was fitted)."""
+        if not isinstance(request, GenerationRequest):
+            raise InputError(f"generate() needs a GenerationRequest, not {type(request).__name__}")
+        request.validate()
+        layers = self.config.text.layers
+        if request.clip_skip > layers:
+            raise FieldError("clip_skip", f"must be between 1 and {layers} (this text encoder's layers), "
+                                          f"not {request.clip_skip}")
+        multiple, notes = self.size_multiple(), []
+        seed = secrets.randbelow(2**32) if request.seed == RANDOM_SEED else request.seed
+        width, height, image = request.width, request.height, request.init_image
+        if image is not None:
+            image = _fit_init_image(as_rgb_image(image), width, height, resize_mode(request.resize_mode), multiple,
+                                    notes)
+            width, height = image.size
+            if int(request.steps * request.strength) < 1:
+                raise FieldError("strength", f"{request.strength} with {request.steps} steps runs no step "
+                                             f"(int(steps * strength) == 0): raise the strength or the steps")
+        prepared = request.replace(seed=seed, width=width or self.config.resolution,
+                                   height=height or self.config.resolution, init_image=image,
+                                   batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode))
+        prepared.check_size(multiple)
+        return prepared, notes
 
     @torch.no_grad()
-    def img2img(self, image: Image.Image, prompt: str, negative_prompt: str = "", *, strength: float = 0.75,
-                steps: int = 20, sampler: str = "euler a", schedule: str | None = None, cfg_scale: float = 7.0,
-                seed: int | None = None, batch_size: int = 1, clip_skip: int = 1, eta: float | None = None,
-                callback=None, progress: bool = True, return_latents: bool = False,
-                noise_device: str = "cpu") -> Result:
-        """SDEdit: encode the image, noise it to the strength's level, denoise the rest of the schedule."""
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"--strength must be in (0, 1], not {strength}")
-        self.check_size(image.width, image.height, ("--init-image width", "--init-image height"))
-        return self._generate(prompt, negative_prompt, image, strength, image.width, image.height, steps,
-                              sampler, schedule, cfg_scale, seed, batch_size, clip_skip, eta, callback,
-                              progress, return_latents, noise_device)
+    def generate(self, request: GenerationRequest, *, callback=None, progress: bool = True,
+                 return_latents: bool = False, noise_device: str = "cpu") -> Result:
+        """Run a request: n_iter sampling runs of batch_size images. `callback` is called every step with the
+        step index, sigma, the current latents and the denoised prediction; initial noise is drawn on
+        `noise_device` (the CPU by default, so a seed gives the same image on any device)."""
+        request, notes = self.prepare(request)
+        images, seeds, latents = [], [], []
+        for iteration in range(request.n_iter):
+            first = request.seed + iteration * request.batch_size
+            batch_seeds = [first + i for i in range(request.batch_size)]
+            x = self._sample(request, batch_seeds, callback, progress, noise_device)
+            decoded, decode_notes = self.decode(x)
+            images += decoded
+            seeds += batch_seeds
+            notes += decode_notes
+            if return_latents:
+                latents.append(x)
+        return Result(images=images, seeds=seeds, latents=torch.cat(latents) if latents else None, notes=notes,
+                      request=request)
 
-    def _generate(self, prompt, negative_prompt, image, strength, width, height, steps, sampler, schedule,
-                  cfg_scale, seed, batch_size, clip_skip, eta, callback, progress, return_latents, noise_device):
-        if steps < 1:
-            raise InputError(f"--steps must be at least 1, not {steps}")
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, not {batch_size}")
-        sample_fn, default_schedule = resolve_sampler(sampler)
-        if eta is not None and "eta" not in inspect.signature(sample_fn).parameters:
-            raise InputError(f"--eta: sampler {sampler!r} takes no eta; leave --eta out, or pick a "
-                             f"sampler with a noise amount (DDIM, the ancestral and the SDE samplers)")
-        seed = secrets.randbelow(2**32) if seed is None else seed
-        seeds = [seed + i for i in range(batch_size)]
-        cond = self.encode_prompt([prompt] * batch_size, clip_skip)
-        uncond = self.encode_prompt([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
-        denoiser, extra_args, acp = self._denoiser(cond, uncond, cfg_scale)
+    def infotext(self, request: GenerationRequest, index: int) -> str:
+        """A1111's parameters text for image `index` of a prepared request (Result.request), as PNGs carry it."""
+        i = index % request.batch_size
+        params = {"Steps": request.steps, "Sampler": request.sampler, "Schedule type": request.schedule,
+                  "CFG scale": request.cfg_scale, "Seed": request.seed + index,
+                  "Size": f"{request.width}x{request.height}", "Model hash": self.model_hash,
+                  "Model": self.source.stem if self.source else self.config.name,
+                  "Denoising strength": request.strength if request.init_image is not None else None,
+                  "Clip skip": request.clip_skip if request.clip_skip != 1 else None, "Eta": request.eta,
+                  "Version": f"latentdiff {__version__}"}
+        return format_parameters(request.prompts[i], request.negative_prompts[i], params)
+
+    @functools.cached_property
+    def model_hash(self) -> str | None:
+        """A1111's short hash of the model file (read once: hashing a 4 GB file takes seconds)."""
+        return model_hash(self.source) if self.source else None
+
+    def _sample(self, request: GenerationRequest, seeds: list[int], callback, progress, noise_device):
+        spec = request.sampler_spec
+        cond = self.encode_prompt(request.prompts, request.clip_skip)
+        uncond = self.encode_prompt(request.negative_prompts, request.clip_skip) if request.cfg_scale != 1.0 else None
+        denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
-        sigmas = make_sigmas(schedule or default_schedule, steps, acp)
+        sigmas = make_sigmas(request.schedule or spec.default_schedule, request.steps, acp)
 
         f = self.config.vae.downsample_factor
-        shape = (self.config.unet.in_channels, height // f, width // f)
+        shape = (self.config.unet.in_channels, request.height // f, request.width // f)
         gens = self._generators(seeds, noise_device)
-        if image is None:
+        if request.init_image is None:
             x = self._randn(gens, shape) * sigmas[0]
         else:  # draw order as diffusers' img2img: posterior sample, then the added noise
-            sigmas = img2img_sigmas(sigmas, strength)
-            latents = self.encode_image(image, gens)
+            sigmas = img2img_sigmas(sigmas, request.strength)
+            latents = self.encode_image(request.init_image, gens)
             x = latents + self._randn(gens, shape) * sigmas[0]
 
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
@@ -215,17 +293,15 @@ class Pipeline:
             if callback is not None:
                 callback(info)
 
-        options = {} if eta is None else {"eta": eta}
+        options = {} if request.eta is None else {"eta": request.eta}
         noise = lambda sigma, sigma_next: self._randn(gens, shape)  # noqa: E731
-        if sample_fn is sample_dpmpp_sde:  # its two draws per step must correlate like a Brownian path
+        if spec.fn is sample_dpmpp_sde:  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
         with fastpaths.keep_freed_memory() if keep else nullcontext():
-            x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise,
-                          **options)
+            x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
-        images, notes = self.decode(x)
-        return Result(images=images, seeds=seeds, latents=x if return_latents else None, notes=notes)
+        return x
 
     # -- autoencoder --------------------------------------------------------------------------------
 
@@ -260,3 +336,27 @@ class Pipeline:
             raise GenerationError("the decoded image contains NaN/Inf even in float32: the latents are not "
                                   "finite (try another sampler, fewer steps or a lower --cfg-scale)")
         return tensor_to_pil(out), notes
+
+
+def _side_like(side: int, other: int, other_target: int, multiple: int) -> int:
+    """The side that keeps an image's aspect ratio when its other side becomes `other_target`, rounded to the
+    size multiple (img2img given only a width or only a height)."""
+    return max(multiple, round(side * other_target / other / multiple) * multiple)
+
+
+def _fit_init_image(image: Image.Image, width, height, mode: str, multiple: int, notes: list[str]) -> Image.Image:
+    """The init image at its final size: its own, cropped to the size multiple (by less than `multiple` px),
+    when no size is asked for or the asked size is that one (so a replay from a PNG's Size draws the same
+    image as the run without one); else resized to the asked size by the resize mode."""
+    if min(image.size) < multiple:
+        raise FieldError("init_image", f"is {image.width}x{image.height}: each side must be at least {multiple} px")
+    fitted = fit_to_multiple(image, multiple)
+    if width is None and height is None or (width, height) == fitted.size:
+        if fitted.size != image.size:
+            notes.append(f"init image cropped from {image.width}x{image.height} to {fitted.width}x{fitted.height} "
+                         f"(sides must be multiples of {multiple})")
+        return fitted
+    width = width or _side_like(image.width, image.height, height, multiple)
+    height = height or _side_like(image.height, image.width, width, multiple)
+    GenerationRequest(width=width, height=height).check_size(multiple)
+    return resize_to(image, width, height, mode)

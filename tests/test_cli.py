@@ -209,9 +209,19 @@ def bad_files(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["txt2img", "a cat", "-W", "72"], "--width 72: must be a multiple of 16"),
     (["txt2img", "a cat", "--sampler", "Eulerr"], "unknown sampler 'Eulerr'"),
-    (["txt2img", "a cat", "--steps", "0"], "--steps must be at least 1"),
-    (["txt2img", "a cat", "--eta", "0.5", "--sampler", "Euler"], "--eta: sampler 'Euler' takes no eta"),
-    (["txt2img", "a cat", "--n-iter", "0"], "--n-iter must be at least 1"),
+    (["txt2img", "a cat", "-W", "0"], "--width 0: must be between 64 and 4096"),
+    (["txt2img", "a cat", "--steps", "0"], "--steps must be >= 1"),
+    (["txt2img", "a cat", "--cfg-scale", "nan"], "--cfg-scale must be a finite number, not nan"),
+    (["txt2img", "a cat", "--seed", "-2"], "--seed must be >= -1"),
+    (["txt2img", "a cat", "--eta", "0.5", "--sampler", "Euler"], "--eta is not taken by sampler 'Euler'"),
+    (["txt2img", "a cat", "--n-iter", "0"], "--n-iter must be >= 1"),
+    (["txt2img", "a cat", "--schedule", "often"], "--schedule unknown schedule 'often'"),
+    (["txt2img", "a cat", "--clip-skip", "9"], "--clip-skip must be between 1 and 2"),
+    (["txt2img", "a cat", "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device cuda"),
+    (["txt2img", "a cat", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["txt2img", "a cat", "-o", "{tmp}/gray.png/out"], "gray.png is a file, not a folder"),
+    (["txt2img", "a cat", "-o", "/proc/latentdiff-out"], "cannot write in /proc"),
+    (["img2img", "a cat"], "img2img needs --init-image"),
     (["txt2img"], "no prompt"),
     (["img2img", "a cat", "--init-image", "{tmp}/not-an-image.png"], "not-an-image.png is not an image"),
     (["img2img", "a cat", "--init-image", "{tmp}/missing.png"], "missing.png does not exist"),
@@ -219,32 +229,66 @@ def bad_files(tmp_path):
     (["txt2img", "--prompts-file", "{tmp}/missing.txt"], "missing.txt: no such file"),
     (["txt2img", "--prompts-file", "{tmp}/bad-json.txt"], "bad-json.txt:2: invalid JSON"),
     (["txt2img", "--prompts-file", "{tmp}/bad-key.txt"], "unknown ['stepz']"),
-    (["txt2img", "--prompts-file", "{tmp}/bad-type.txt"], "bad-type.txt:1: 'steps' must be an integer"),
+    (["txt2img", "--prompts-file", "{tmp}/bad-type.txt"], "bad-type.txt:1: steps must be an integer, not 'three'"),
     (["txt2img", "--prompts-file", "{tmp}/empty.txt"], "no prompts in it"),
     (["txt2img", "--from-png", "{tmp}/gray.png"], "no 'parameters' text chunk"),
 ], ids=lambda v: v if isinstance(v, str) else None)
-def test_bad_input_message(args, message, bad_files, model_file, capsys):
-    argv = [a.format(tmp=bad_files) for a in args] + ["--model", str(model_file), "-o", str(bad_files / "out")]
+def test_bad_input_message(args, message, bad_files, model_file, capsys, monkeypatch):
+    """Bad input is one line and status 2, found before sampling starts, and nothing is written."""
+    monkeypatch.setattr(Pipeline, "_sample", lambda *a, **k: pytest.fail("sampling started"))
+    argv = [a.format(tmp=bad_files) for a in args] + ["--model", str(model_file)]
+    if "-o" not in argv:
+        argv += ["-o", str(bad_files / "out")]
     before = sorted(bad_files.rglob("*"))
-    assert main(argv) == 2
+    assert exit_status(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("latentdiff: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("latentdiff") and "error: " in err[0] and message in err[0], err
     assert sorted(bad_files.rglob("*")) == before  # nothing written
+
+
+def exit_status(argv) -> int:
+    """main()'s status, also where argparse ends the process itself (usage errors)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def made(folder: Path) -> dict[str, tuple]:
+    """{file name: (prompt, seed, sampler)} of the PNGs in a folder."""
+    found = {}
+    for path in folder.glob("*.png"):
+        prompt, _, params = parse_parameters(read_png_parameters(path))
+        found[path.name] = (prompt, params["Seed"], params["Sampler"])
+    return found
 
 
 def test_batch_mode_generates_every_line_and_a_rerun_skips_them(runs, model_file):
     ok(runs, "batch")
     out = runs[0] / "batch"
-    expected = {"00001-000.png": ("a red circle", "100", "Euler a"), "00004-000.png": ("a blue square", "3", "DDIM"),
-                "00004-001.png": ("a blue square", "4", "DDIM"), "00005-000.png": ("a green tree", "100", "Euler a")}
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
-    for name, (prompt, seed, sampler) in expected.items():
-        got_prompt, _, params = parse_parameters(read_png_parameters(out / name))
-        assert (got_prompt, params["Seed"], params["Sampler"]) == (prompt, seed, sampler)
+    images = made(out)
+    assert sorted(images.values()) == [("a blue square", "3", "DDIM"), ("a blue square", "4", "DDIM"),
+                                       ("a green tree", "100", "Euler a"), ("a red circle", "100", "Euler a")]
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert main(["txt2img", "--prompts-file", str(runs[0] / "prompts.txt"), "--model", str(model_file),
                  "--seed", "100", "-o", str(out), *TINY]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_batch_mode_resumes_by_content_not_line_number(model_file, tmp_path):
+    """Inserting a line and editing another makes exactly those two images; the others are found by content."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("a red circle\na blue square\na red circle\n")  # the same line twice: two images
+    argv = ["txt2img", "--prompts-file", str(prompts), "--model", str(model_file), "-o", str(out), *TINY]
+    assert main(argv) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(prompt for prompt, _, _ in made(out).values()) == ["a blue square", "a red circle", "a red circle"]
+    prompts.write_text("a green tree\na red circle\na blue square at night\na red circle\n")
+    assert main(argv) == 0
+    now = made(out)
+    new = sorted(now[name][0] for name in set(now) - set(first))
+    assert new == ["a blue square at night", "a green tree"]
+    assert all((out / name).stat().st_mtime_ns == stamp for name, stamp in first.items())  # nothing redone
 
 
 def free_port() -> int:
@@ -265,8 +309,8 @@ def test_batch_mode_under_accelerate_splits_prompts_across_two_processes(model_f
          *TINY], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
     saved = [line for line in proc.stdout.splitlines() if "saved" in line]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001-000.png", "00002-000.png",
-                                                                     "00003-000.png"]
+    assert sorted(prompt for prompt, _, _ in made(tmp_path / "out").values()) == ["a blue square", "a green tree",
+                                                                                  "a red circle"]
     assert len(saved) == 3 and "skip" not in proc.stdout  # each prompt ran exactly once
     assert {line.split("]")[0] + "]" for line in saved} == {"[process 1/2]", "[process 2/2]"}
 
@@ -285,3 +329,52 @@ def test_output_lines_are_written_whole(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Recorder())
     say("[process 1/2] saved out/00001-000.png (seed 1)")
     assert writes == ["[process 1/2] saved out/00001-000.png (seed 1)\n"]
+
+
+def test_version_and_help(capsys):
+    assert exit_status(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"latentdiff {latentdiff.__version__}"
+    assert exit_status(["txt2img", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "(default: 20)" in shown and "(default: Euler a)" in shown and "(default: 7)" in shown
+    from latentdiff.cli import build_parser
+    parsers = [build_parser()]
+    parsers += [p for action in parsers[0]._actions if action.choices and isinstance(action.choices, dict)
+                for p in action.choices.values()]
+    undocumented = [(p.prog, a.dest) for p in parsers for a in p._actions if not a.help]
+    assert undocumented == []
+
+
+def test_from_png_flags_override_the_png(runs, model_file, tmp_path):
+    reference = runs[0] / "reference" / "7.png"
+    assert main(["txt2img", "--from-png", str(reference), "--steps", "3", "--seed", "9", "--model", str(model_file),
+                 "--dtype", "fp32", "-o", str(tmp_path), "--quiet"]) == 0
+    prompt, negative, params = parse_parameters(read_png_parameters(tmp_path / "9.png"))
+    assert (prompt, negative, params["Steps"], params["Seed"]) == ("a red circle", "blurry", "3", "9")
+    assert params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "5"  # the rest from the PNG
+
+
+def test_an_img2img_png_replays_as_img2img(runs, model_file, tmp_path, capsys):
+    made_by_img2img = runs[0] / "img2img" / "3.png"
+    assert main(["txt2img", "--from-png", str(made_by_img2img), "--model", str(model_file)]) == 2
+    err = capsys.readouterr().err
+    assert "made by img2img (Denoising strength 0.5)" in err and "--init-image IMAGE" in err
+    assert main(["img2img", "--from-png", str(made_by_img2img), "--init-image", str(runs[0] / "in.png"),
+                 "--model", str(model_file), "-o", str(tmp_path), "--quiet"]) == 0
+    assert np.array_equal(pixels(tmp_path / "3.png"), pixels(made_by_img2img))
+
+
+def test_img2img_takes_a_size_and_a_resize_mode(runs, model_file, tmp_path):
+    assert main(["img2img", "a tree", "--init-image", str(runs[0] / "in.png"), "-W", "128", "-H", "64",
+                 "--resize-mode", "resize and fill", "--seed", "1", "--model", str(model_file), "-o", str(tmp_path),
+                 *TINY]) == 0
+    with Image.open(tmp_path / "1.png") as image:
+        assert image.size == (128, 64)
+
+
+def test_info_into_a_closed_pipe_ends_quietly(model_file):
+    """`latentdiff info X | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([*CLI, "info", str(model_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as a shell reports a command that a pipe ended
+    assert b"Traceback" not in proc.stderr.read()
