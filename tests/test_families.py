@@ -11,6 +11,7 @@ import json
 import re
 import logging
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,11 +144,12 @@ def test_real_sizes_in_info_and_no_weights_read(tmp_path, monkeypatch, capsys):
 
 
 def test_info_names_the_demo_model_by_its_size(capsys):
-    assert main(["info", "weights/demo/model.safetensors"]) == 0
+    demo = Path(__file__).resolve().parent.parent / "weights" / "demo" / "model.safetensors"
+    assert main(["info", str(demo)]) == 0
     shown = capsys.readouterr().out
     assert "text:        CLIP-style text encoder, 4 layers x 128" in shown and "ViT-L" not in shown
     assert "stored as:   float16" in shown  # the file is all F16 (it loads in float32)
-    assert set(describe_model("weights/demo/model.safetensors").dtypes.values()) == {(torch.float16,)}
+    assert set(describe_model(demo).dtypes.values()) == {(torch.float16,)}
 
 
 # --- what other files are ---------------------------------------------------------------------------
