@@ -23,7 +23,8 @@ from .errors import CheckpointError, InputError
 
 log = logging.getLogger("latentdiff")
 
-# Where each component lives in an original (CompVis/ldm) single-file checkpoint.
+# Where each component lives in an original (CompVis/ldm) single-file checkpoint: the module tree of
+# model.StableDiffusion. The one table of these prefixes: formats/ and the loader take them from here.
 ORIGINAL_PREFIXES = {
     "unet": "model.diffusion_model.",
     "vae": "first_stage_model.",
@@ -34,6 +35,9 @@ ACCEPTED_FORMATS = ".safetensors, or a PyTorch checkpoint written by torch.save 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 _ZIP_MAGIC = b"PK\x03\x04"
 _MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,17 +86,24 @@ def safetensors_metadata(path) -> dict[str, str]:
     return _safetensors_header(Path(path)).get("__metadata__", {})
 
 
-def read_state_dict(path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path, *, dtype: torch.dtype | None = None, meta: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, memory-mapped where the format allows.
 
     A {"state_dict": {...}, "global_step": ...} wrapper is unwrapped and non-tensor entries are
-    dropped. `dtype` casts floating-point tensors (which copies them out of the mapping).
+    dropped. `dtype` casts floating-point tensors (which copies them out of the mapping). meta=True
+    returns "meta" tensors, shapes and stored dtypes without data: a safetensors file is then read
+    from its header alone.
     """
     path = Path(path)
     if dtype is not None and not dtype.is_floating_point:
         raise InputError(f"read_state_dict: dtype must be a floating-point dtype, not {dtype}")
     kind = checkpoint_format(path)
-    tensors = _read_safetensors(path) if kind == "safetensors" else _read_torch(path, kind)
+    if kind == "safetensors":
+        tensors = _read_safetensors_meta(path) if meta else _read_safetensors(path)
+    else:
+        tensors = _read_torch(path, kind)
+        if meta:
+            tensors = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors; it is not a model checkpoint")
     if dtype is not None:
@@ -133,6 +144,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             return {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: damaged safetensors file ({e}); download it again") from e
+
+
+def _read_safetensors_meta(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, entry in _safetensors_header(path).items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], [int(n) for n in entry["shape"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has an unknown or damaged dtype/shape in the "
+                                  f"header ({entry!r:.80}); download the file again") from e
+        tensors[name] = torch.empty(shape, dtype=dtype, device="meta")
+    return tensors
 
 
 def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:

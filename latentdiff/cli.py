@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("target", help="*.safetensors -> single file; anything else -> a new diffusers folder")
     conv.add_argument("--config", help="preset instead of detection (single-file sources)")
     conv.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type")
-    conv.add_argument("--dtype", choices=list(DTYPE_NAMES), help="cast the weights (e.g. fp16 halves the size)")
+    conv.add_argument("--dtype", choices=list(DTYPE_NAMES),
+                      help="cast the weights (e.g. fp16 halves the size); default: keep the source's dtypes")
     sub.add_parser("samplers", help="list sampler names and schedules")
     return parser
 
@@ -365,23 +366,37 @@ def cmd_info(args) -> int:
         from .infotext import read_png_parameters
         print(read_png_parameters(path))
         return 0
-    from .loader import load_model, model_hash
-    model = load_model(path, prediction=args.prediction, device="cpu")
-    cfg = model.config
-    family = "SD 2.x (OpenCLIP)" if cfg.text.activation == "gelu" else "SD 1.x (CLIP ViT-L)"
+    from .formats.families import FAMILY_NAMES, text_tower_name
+    from .loader import describe_model, model_hash
+    summary = describe_model(path, prediction=args.prediction)  # shapes only: no weights are read
+    cfg = summary.config
     print(f"model:       {path}")
-    print(f"family:      {family}, {cfg.prediction}-prediction, native {cfg.resolution}px")
-    for name, count in model.parameter_counts().items():
+    print(f"family:      {FAMILY_NAMES[cfg.family]}, {cfg.prediction}-prediction, native {cfg.resolution}px")
+    if cfg.unet.in_channels != cfg.unet.out_channels:
+        from .conditioning import concat_family
+        print(f"variant:     {concat_family(cfg.unet.in_channels, cfg.unet.out_channels)} (cannot generate yet)")
+    print(f"text:        {text_tower_name(cfg.text)}")
+    for name, count in summary.parameters.items():
         print(f"{name + ':':13}{count / 1e6:.1f}M parameters")
-    print(f"dtype:       {str(model.dtype).replace('torch.', '')}")
+    names = {name: "/".join(str(d).removeprefix("torch.") for d in found) or "none"
+             for name, found in summary.dtypes.items()}
+    one = set(names.values())
+    stored = one.pop() if len(one) == 1 and "/" not in names["unet"] else \
+        "mixed: " + ", ".join(f"{name} {dtypes}" for name, dtypes in names.items())
+    print(f"stored as:   {stored}")
     print(f"hash:        {model_hash(path)}")
     return 0
 
 
 def cmd_convert(args) -> int:
-    from .loader import load_model, save_model
-    model = load_model(args.source, config=args.config, prediction=args.prediction, dtype=_torch_dtype(args.dtype))
-    print(f"wrote {save_model(model, args.target)}")
+    from .loader import convert
+    target = Path(args.target)
+    if target.exists():  # the library refuses too; this names the command-line argument
+        raise InputError(f"convert: TARGET {target} already exists; latentdiff never overwrites a model: "
+                         "give a new TARGET path")
+    written = convert(args.source, target, config=args.config, prediction=args.prediction,
+                      dtype=_torch_dtype(args.dtype))
+    print(f"wrote {written}")
     return 0
 
 

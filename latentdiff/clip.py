@@ -2,7 +2,7 @@
 
 The module tree equals the SD 1.x checkpoint keys after `cond_stage_model.`
 (`transformer.text_model.encoder.layers.0.self_attn.q_proj.weight`, ...), so an SD 1.x file loads with
-one strict `load_state_dict`. SD 2.x's OpenCLIP layout is converted by latentdiff/formats/clip.py.
+one strict `load_state_dict`. SD 2.x's OpenCLIP layout is converted by latentdiff/formats/clip_keys.py.
 """
 
 import shutil

@@ -96,6 +96,7 @@ class VAEConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "sd1"
+    family: str = "sd1"  # "sd1" (OpenAI CLIP text tower) or "sd2" (OpenCLIP): read from the keys, then stored
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -111,6 +112,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
             raise InputError(f"prediction must be 'eps' or 'v', not {self.prediction!r}")
+        if self.family not in ("sd1", "sd2"):
+            raise InputError(f"family must be 'sd1' or 'sd2', not {self.family!r}")
 
 
 def _build(cls, data: dict, where: str):

@@ -1,43 +1,103 @@
 """Load a model from whatever the user has: a single file, a diffusers folder, or a preset + weights."""
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checkpoint import ORIGINAL_PREFIXES, read_state_dict, split_prefixed
 from .config import ModelConfig, preset
 from .errors import CheckpointError
-from .formats.diffusers_folder import is_diffusers_folder, read_diffusers_folder, write_diffusers_folder
+from .formats.diffusers_folder import (is_diffusers_folder, read_diffusers_folder, weights_file,
+                                       write_diffusers_folder)
 from .formats.single_file import read_single_file, write_single_file
 from .model import StableDiffusion
+
+COMPONENTS = {"unet": "unet", "vae": "vae", "text_encoder": "text"}  # model part -> ORIGINAL_PREFIXES name
 
 
 def load_model(source: str | Path, *, config: ModelConfig | str | None = None, prediction: str | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> StableDiffusion:
     """`source` is a single-file checkpoint or a diffusers folder. `config` (a ModelConfig or a preset
-    name) overrides detection for single files; `prediction` ("eps" / "v") overrides the prediction type."""
-    path = Path(source).expanduser()
+    name) overrides detection for single files; `prediction` ("eps" / "v") overrides the prediction type.
+    device="meta" reads shapes only (a safetensors file's header): a model to inspect, not to run."""
+    meta = torch.device(device).type == "meta"
+    model = _read(Path(source).expanduser(), config, prediction, dtype, meta)
+    return (model if meta else model.to(device)).eval().requires_grad_(False)
+
+
+def _read(path: Path, config, prediction, dtype, meta) -> StableDiffusion:
     if isinstance(config, str):
         config = preset(config)
     if is_diffusers_folder(path):
-        model = read_diffusers_folder(path, prediction=prediction, dtype=dtype)
-    elif path.is_dir():
+        return read_diffusers_folder(path, prediction=prediction, dtype=dtype, meta=meta)
+    if path.is_dir():
         raise CheckpointError(f"{path} is a folder without model_index.json: not a diffusers model folder. "
                               f"Pass a .safetensors/.ckpt file or a diffusers folder.")
+    return read_single_file(path, config=config, prediction=prediction, dtype=dtype, meta=meta)
+
+
+def stored_dtypes(source: str | Path) -> dict[str, tuple[torch.dtype, ...]]:
+    """The floating-point dtypes each component's tensors have in the file ({"unet": (torch.float16,), ...}),
+    read from headers where the format allows; a model loads in float32 unless told otherwise."""
+    path = Path(source).expanduser()
+    if is_diffusers_folder(path):
+        parts = {name: read_state_dict(weights_file(path, name), meta=True) for name in COMPONENTS}
     else:
-        model = read_single_file(path, config=config, prediction=prediction, dtype=dtype)
-    return model.to(device).eval().requires_grad_(False)
+        split = split_prefixed(read_state_dict(path, meta=True), ORIGINAL_PREFIXES)
+        parts = {name: split[prefix] for name, prefix in COMPONENTS.items()}
+    return {name: tuple(sorted({t.dtype for t in sd.values() if t.is_floating_point()}, key=str))
+            for name, sd in parts.items()}
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    config: ModelConfig
+    parameters: dict[str, int]  # per component: "unet", "vae", "text_encoder"
+    dtypes: dict[str, tuple[torch.dtype, ...]]  # per component, as stored in the file
+
+
+def describe_model(source: str | Path, *, prediction: str | None = None) -> ModelSummary:
+    """What a checkpoint holds, without reading its weights (for safetensors files and folders)."""
+    model = load_model(source, prediction=prediction, device="meta")
+    return ModelSummary(model.config, model.parameter_counts(), stored_dtypes(source))
+
+
+def convert(source: str | Path, target: str | Path, *, config: ModelConfig | str | None = None,
+            prediction: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Rewrite a model in the other layout (see save_model). Each component keeps the dtype it is stored
+    in (an fp16 file stays fp16) unless `dtype` casts them all."""
+    target = Path(target).expanduser()
+    _refuse_existing(target)  # before the minutes a big model takes to load
+    if dtype is not None:
+        return save_model(load_model(source, config=config, prediction=prediction, dtype=dtype), target)
+    kept = {name: found[0] if len(found) == 1 else torch.float32 for name, found in stored_dtypes(source).items()}
+    single = set(kept.values())
+    model = load_model(source, config=config, prediction=prediction,
+                       dtype=single.pop() if len(single) == 1 else None)
+    for name, part_dtype in kept.items():
+        getattr(model, name).to(part_dtype)
+    return save_model(model, target)
 
 
 def save_model(model: StableDiffusion, target: str | Path) -> Path:
-    """`*.safetensors` -> original single file; anything else -> a new diffusers folder."""
+    """`*.safetensors` -> original single file; anything else -> a new diffusers folder. An existing
+    target is never replaced."""
     target = Path(target).expanduser()
+    _refuse_existing(target)
     if target.suffix == ".safetensors":
         return write_single_file(model, target)
     if target.suffix in (".ckpt", ".pt", ".bin"):
         raise CheckpointError(f"{target}: latentdiff writes only .safetensors single files (pickles can carry "
                               f"code); use a .safetensors name or a folder name for a diffusers folder")
     return write_diffusers_folder(model, target)
+
+
+def _refuse_existing(target: Path) -> None:
+    if target.exists():
+        raise CheckpointError(f"{target}: already exists; latentdiff never overwrites a model. Choose a new "
+                              "target path (or move the old one away first)")
 
 
 def model_hash(path: str | Path) -> str:

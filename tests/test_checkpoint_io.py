@@ -457,3 +457,24 @@ def test_split_prefixed_longest_prefix_wins_and_reserved_name():
     assert parts == {"outer": {"y": t}, "inner": {"x": t}, "unused": {}}
     with pytest.raises(InputError, match="'unused' is reserved"):
         split_prefixed({}, {"unused": "x."})
+
+
+# --- meta reading (shapes and stored dtypes, no data) --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch-zip"])
+def test_meta_read_gives_stored_shapes_and_dtypes(tmp_path, kind):
+    sd = tensors() | {"h": torch.ones(2, 2, dtype=torch.float16), "b": torch.ones(3, dtype=torch.bfloat16)}
+    path = tmp_path / ("m.safetensors" if kind == "safetensors" else "m.ckpt")
+    save_file(sd, path) if kind == "safetensors" else torch.save({"state_dict": sd}, path)
+    got = read_state_dict(path, meta=True)
+    assert got.keys() == sd.keys()
+    assert all(t.device.type == "meta" and (t.shape, t.dtype) == (sd[k].shape, sd[k].dtype) for k, t in got.items())
+
+
+def test_meta_read_refuses_an_unknown_header_dtype(tmp_path):
+    header = json.dumps({"w": {"dtype": "F12", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: tensor 'w' has an unknown or damaged dtype"):
+        read_state_dict(path, meta=True)

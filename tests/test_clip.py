@@ -10,7 +10,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from latentdiff.clip import TextEncoder
 from latentdiff.config import TextEncoderConfig
 from latentdiff.errors import CheckpointError, InputError, UnsupportedModelError
-from latentdiff.formats.clip import (detect_text_config, openclip_to_ours, ours_to_openclip, text_config_from_hf,
+from latentdiff.formats.clip_keys import (detect_text_config, openclip_to_ours, ours_to_openclip, text_config_from_hf,
                                      text_config_to_hf)
 
 # fp32 on CPU, same math in a different order (SDPA vs eager softmax): differences are rounding only.

@@ -27,7 +27,7 @@ from latentdiff.cli import main
 from latentdiff.config import UNetConfig, VAEConfig, preset
 from latentdiff.denoisers import CFGDenoiser, DiscreteDenoiser
 from latentdiff.errors import InputError
-from latentdiff.formats.vae import vae_config_to_diffusers, vae_to_diffusers
+from latentdiff.formats.vae_keys import vae_config_to_diffusers, vae_to_diffusers
 from latentdiff.layers import GroupNorm32, attention
 from latentdiff.loader import save_model
 from latentdiff.schedules import alphas_cumprod_for, make_sigmas

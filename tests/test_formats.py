@@ -28,7 +28,7 @@ SD1 = ModelConfig(
                     num_heads=8, context_dim=64),
     vae=VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1), resolution=64)
 SD2 = ModelConfig(
-    name="tiny-sd2-v",
+    name="tiny-sd2-v", family="sd2",
     text=TextEncoderConfig(width=64, layers=3, heads=1, ff_width=128, activation="gelu", output_layer=-2, pad_id=0),
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                     num_heads=None, head_dim=64, context_dim=64, use_linear_projection=True, upcast_attention=True),
@@ -156,9 +156,9 @@ def test_diffusers_converters_read_our_single_file(tmp_path):
     """diffusers' own ldm -> diffusers conversion functions, fed our file, build networks equal to ours."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint)
-    from latentdiff.formats.clip import text_config_to_hf
-    from latentdiff.formats.unet import unet_config_to_diffusers
-    from latentdiff.formats.vae import vae_config_to_diffusers
+    from latentdiff.formats.clip_keys import text_config_to_hf
+    from latentdiff.formats.unet_keys import unet_config_to_diffusers
+    from latentdiff.formats.vae_keys import vae_config_to_diffusers
 
     model = random_model(SD1)
     checkpoint = load_file(write_single_file(model, tmp_path / "m.safetensors"))
@@ -194,7 +194,7 @@ def test_loader_dispatch_and_errors(tmp_path):
         load_model(tmp_path)
     partial = {k: v for k, v in load_file(single).items() if not k.startswith("first_stage_model.")}
     save_file(partial, tmp_path / "unet_and_text.safetensors")
-    with pytest.raises(CheckpointError, match="no VAE weights"):
+    with pytest.raises(CheckpointError, match="holds the U-Net and text encoder but no VAE"):
         load_model(tmp_path / "unet_and_text.safetensors")
     (folder / "unet" / "config.json").unlink()
     with pytest.raises(CheckpointError, match="missing unet/config.json"):

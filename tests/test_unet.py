@@ -12,7 +12,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from latentdiff.conditioning import Control
 from latentdiff.config import UNetConfig, preset
 from latentdiff.errors import CheckpointError, InputError, UnsupportedModelError
-from latentdiff.formats.unet import (detect_unet_config, unet_config_from_diffusers, unet_config_to_diffusers,
+from latentdiff.formats.unet_keys import (detect_unet_config, unet_config_from_diffusers, unet_config_to_diffusers,
                                      unet_from_diffusers, unet_key_table, unet_to_diffusers)
 from latentdiff.unet import UNet
 

@@ -9,7 +9,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from latentdiff.config import VAEConfig
 from latentdiff.errors import CheckpointError, InputError, UnsupportedModelError
-from latentdiff.formats.vae import (detect_vae_config, vae_config_from_diffusers, vae_config_to_diffusers,
+from latentdiff.formats.vae_keys import (detect_vae_config, vae_config_from_diffusers, vae_config_to_diffusers,
                                     vae_from_diffusers, vae_key_table, vae_to_diffusers)
 from latentdiff.vae import AutoencoderKL
 

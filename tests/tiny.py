@@ -20,7 +20,7 @@ SD1 = ModelConfig(
     vae=_VAE, resolution=64)
 
 SD2_V = ModelConfig(
-    name="tiny-sd2-v",
+    name="tiny-sd2-v", family="sd2",
     text=TextEncoderConfig(width=32, layers=3, heads=2, ff_width=64, activation="gelu", output_layer=-2, pad_id=0),
     unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                     num_heads=None, head_dim=16, context_dim=32, use_linear_projection=True,

@@ -27,9 +27,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from latentdiff.checkpoint import load_strict
 from latentdiff.config import preset
-from latentdiff.formats.clip import text_config_to_hf
-from latentdiff.formats.unet import unet_config_to_diffusers, unet_to_diffusers
-from latentdiff.formats.vae import vae_config_to_diffusers, vae_to_diffusers
+from latentdiff.formats.clip_keys import text_config_to_hf
+from latentdiff.formats.unet_keys import unet_config_to_diffusers, unet_to_diffusers
+from latentdiff.formats.vae_keys import vae_config_to_diffusers, vae_to_diffusers
 from latentdiff.model import build_on_meta
 
 # fp32 and identical weights: only the order of floating-point sums may differ. The bound is relative to

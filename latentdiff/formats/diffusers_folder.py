@@ -6,22 +6,23 @@ Every key goes through the component mapping tables in this package; nothing els
 import dataclasses
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_strict, read_state_dict, save_safetensors
+from ..checkpoint import ORIGINAL_PREFIXES, load_strict, read_state_dict, save_safetensors
 from ..clip import Tokenizer
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import StableDiffusion, build_on_meta
-from .clip import text_config_from_hf, text_config_to_hf
-from .unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_from_diffusers, unet_to_diffusers
-from .vae import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, vae_to_diffusers
+from .clip_keys import OURS, text_config_from_hf, text_config_to_hf
+from .families import identify_diffusers_folder
+from .unet_keys import unet_config_from_diffusers, unet_config_to_diffusers, unet_from_diffusers, unet_to_diffusers
+from .vae_keys import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, vae_to_diffusers
 
-UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+UNET, VAE, TEXT = (ORIGINAL_PREFIXES[part] for part in ("unet", "vae", "text"))
 WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
              "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
@@ -45,37 +46,42 @@ def _json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _weights(folder: Path, part: str) -> dict:
+def weights_file(folder: Path, part: str) -> Path:
+    """The weights file of `part` ("unet", "vae", "text_encoder"), in the order diffusers prefers them."""
     for name in WEIGHT_FILES[part]:
         if (folder / part / name).is_file():
-            return read_state_dict(folder / part / name)
+            return folder / part / name
     raise CheckpointError(f"{folder}: no weights in {part}/ (looked for {', '.join(WEIGHT_FILES[part])})")
 
 
-def read_diffusers_folder(path: str | Path, *, prediction: str | None = None,
-                          dtype: torch.dtype | None = None) -> StableDiffusion:
+def read_diffusers_folder(path: str | Path, *, prediction: str | None = None, dtype: torch.dtype | None = None,
+                          meta: bool = False) -> StableDiffusion:
+    """meta=True builds the model on the "meta" device from configs and safetensors headers alone."""
     path = Path(path)
-    _json(path / "model_index.json")
+    text_json = _json(path / "text_encoder" / "config.json")
+    family = identify_diffusers_folder(_json(path / "model_index.json"), text_json, str(path))
     unet = unet_config_from_diffusers(_json(path / "unet" / "config.json"))
     vae_json = _json(path / "vae" / "config.json")
     vae = vae_config_from_diffusers(vae_json)
-    text = text_config_from_hf(_json(path / "text_encoder" / "config.json"))
+    text = text_config_from_hf(text_json)
     scheduler = _json(path / "scheduler" / "scheduler_config.json")
     tokenizer = Tokenizer.from_folder(path / "tokenizer", max_length=text.max_length)
     text = dataclasses.replace(text, pad_id=tokenizer.pad_id)
     config = ModelConfig(
-        name=path.name, text=text, unet=unet, vae=vae,
+        name=path.name, family=family, text=text, unet=unet, vae=vae,
         prediction=prediction or PREDICTION.get(scheduler.get("prediction_type", "epsilon"), "eps"),
         latent_scale=vae_json.get("scaling_factor", 0.18215),
         resolution=_json(path / "unet" / "config.json").get("sample_size", 64) * vae.downsample_factor,
         beta_schedule=scheduler.get("beta_schedule", "scaled_linear"),
         beta_start=scheduler.get("beta_start", 0.00085), beta_end=scheduler.get("beta_end", 0.012),
         num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
-    sd = {UNET + k: v for k, v in unet_from_diffusers(_weights(path, "unet"), unet).items()}
-    sd |= {VAE + k: v for k, v in vae_from_diffusers(_weights(path, "vae"), vae).items()}
+    def weights(part: str) -> dict:
+        return read_state_dict(weights_file(path, part), meta=meta)
+
+    sd = {UNET + k: v for k, v in unet_from_diffusers(weights("unet"), unet).items()}
+    sd |= {VAE + k: v for k, v in vae_from_diffusers(weights("vae"), vae).items()}
     # transformers < 5 saves CLIPTextModel keys under `text_model.`; 5.x saves them without it.
-    sd |= {TEXT + (k if k.startswith("text_model.") else "text_model." + k): v
-           for k, v in _weights(path, "text_encoder").items()}
+    sd |= {TEXT + OURS + k.removeprefix("text_model."): v for k, v in weights("text_encoder").items()}
     model = build_on_meta(config, tokenizer)
     load_strict(model, sd, where=str(path), dtype=dtype)
     return model
@@ -98,8 +104,11 @@ def write_diffusers_folder(model: StableDiffusion, path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         raise CheckpointError(f"{path} already exists; choose a new output folder (nothing was overwritten)")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: output folder {path.parent} does not exist; create it first")
     cfg = model.config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()  # the mode any new folder here gets (tempfile.mkdtemp's would be private: 0700)
     try:
         text_sd, text_json = _text_for_diffusers(model)
         parts = {

@@ -24,7 +24,7 @@ import torch
 
 from ..clip import TextEncoder, Tokenizer
 from ..errors import LatentDiffError
-from ..formats.single_file import read_single_file
+from ..loader import load_model
 from .evaluate import EVAL_SEED, full_caption
 from .shapes import COLORS, POSITIONS, SHAPES, SIZES, make_sample
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20, help="evaluation labels to vary")
     args = parser.parse_args(argv)
     try:
-        model = read_single_file(args.model).float().eval()
+        model = load_model(args.model)
     except LatentDiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,8 +22,8 @@ from PIL import Image
 from ..clip import TextEncoder, Tokenizer
 from ..config import ModelConfig, config_to_dict
 from ..errors import InputError
-from ..formats.single_file import read_single_file, write_single_file
 from ..images import save_png
+from ..loader import load_model, save_model
 from ..model import StableDiffusion
 from ..pipeline import Pipeline
 from ..unet import UNet
@@ -189,9 +189,9 @@ def train(out: str | Path, config: ModelConfig, recipe: Recipe, *, resume: bool 
     if accelerator.is_main_process:
         stage.ema.copy_to(stage.module)  # the averaged weights are the ones that ship
         model = assemble(config, tokenizer, vae.cpu(), text_encoder.cpu(), unet.cpu())
-        write_single_file(model.to(torch.float16), model_path)
+        save_model(model.to(torch.float16), model_path)
         # Sample from the file just written, so the grid shows what users will load.
-        pipeline = Pipeline(read_single_file(model_path), device=accelerator.device, dtype=torch.float32)
+        pipeline = Pipeline(load_model(model_path), device=accelerator.device, dtype=torch.float32)
         save_png(sample_grid(pipeline, recipe), out, "samples")
         record = {"stages": summary, "train_seconds": round(sum(s["seconds"] for s in summary.values()), 1),
                   "wall_seconds_this_invocation": round(time.perf_counter() - began, 1),

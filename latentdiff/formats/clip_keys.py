@@ -61,6 +61,16 @@ def openclip_to_ours(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return out, ignored
 
 
+def flat_clip_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 1.x text keys saved without transformers' `text_model.` level (`transformer.embeddings.*`,
+    `transformer.encoder.layers.*`, `transformer.final_layer_norm.*`: NAI-derived files and their merges)
+    -> ours; text keys already in our layout are returned unchanged."""
+    if any(k.startswith(OURS) for k in sd):
+        return sd
+    flat = "transformer."
+    return {OURS + k[len(flat):] if k.startswith(flat) else k: v for k, v in sd.items()}
+
+
 def ours_to_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our text weights -> SD 2.x OpenCLIP keys (fused q/k/v); the inverse of openclip_to_ours
     except the unused text_projection / logit_scale, which we do not hold."""
