@@ -80,6 +80,7 @@ class ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    steps_offset: int = 1  # added to diffusers' "leading" timesteps (scheduler_config.json; SD ships 1)
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):

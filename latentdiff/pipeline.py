@@ -17,9 +17,9 @@ from .errors import GenerationError, InputError
 from .images import pil_to_tensor, tensor_to_pil
 from .loader import load_model
 from .model import StableDiffusion
-from .sampling import resolve_sampler
+from .sampling import diffusers_layout, resolve_sampler
 from .sampling_stochastic import brownian_noise_sampler, sample_dpmpp_sde
-from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
+from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas, spacing_options
 from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
 log = logging.getLogger("latentdiff")
@@ -196,7 +196,9 @@ class Pipeline:
         uncond = self.encode_prompt([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
         denoiser, extra_args, acp = self._denoiser(cond, uncond, cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
-        sigmas = make_sigmas(schedule or default_schedule, steps, acp)
+        schedule = schedule or default_schedule  # diffusers' spacings laid out as this sampler's scheduler does
+        sigmas = make_sigmas(schedule, steps, acp,
+                             **spacing_options(schedule, diffusers_layout(sample_fn), self.config.steps_offset))
 
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.in_channels, height // f, width // f)

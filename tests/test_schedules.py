@@ -10,7 +10,7 @@ import torch
 from latentdiff.config import preset
 from latentdiff.errors import InputError
 from latentdiff.schedules import (alphas_cumprod_for, img2img_sigmas, make_sigmas, schedule_names, sigma_to_t,
-                                  spaced_timesteps, training_sigmas)
+                                  spaced_timesteps, spacing_options, training_sigmas)
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             steps_offset=1)
@@ -19,11 +19,21 @@ SPACINGS = ("leading", "trailing", "linspace")
 ACP = alphas_cumprod_for(preset("sd1"))
 TABLE = training_sigmas(ACP)
 
-# How each diffusers scheduler family lays out timesteps, as make_sigmas options.
-K_STYLE = {"leading": dict(steps_offset=1), "trailing": {}, "linspace": {}}  # Euler, Heun, LMS, KDPM2
-DDIM_STYLE = {"leading": dict(steps_offset=1), "trailing": {}, "linspace": dict(round_timesteps=True)}
-MULTISTEP_STYLE = {"leading": dict(steps_offset=1, skip_lowest=True), "trailing": {},  # DPMSolver, UniPC
-                   "linspace": dict(skip_lowest=True, round_timesteps=True)}
+# How each diffusers scheduler family lays out timesteps, as make_sigmas options: what the pipeline passes.
+K_STYLE = {sp: spacing_options(sp, "k", 1) for sp in SPACINGS}  # Euler, Heun, LMS, KDPM2
+DDIM_STYLE = {sp: spacing_options(sp, "ddim", 1) for sp in SPACINGS}  # DDIM, PNDM, DDPM
+MULTISTEP_STYLE = {sp: spacing_options(sp, "multistep", 1) for sp in SPACINGS}  # DPMSolver, UniPC
+
+
+def test_spacing_options():
+    """steps_offset goes to leading only (diffusers' trailing and linspace ignore it); the rest by family."""
+    assert MULTISTEP_STYLE == {"leading": dict(steps_offset=1, skip_lowest=True), "trailing": {},
+                               "linspace": dict(skip_lowest=True, round_timesteps=True)}
+    assert DDIM_STYLE == {"leading": dict(steps_offset=1), "trailing": {}, "linspace": dict(round_timesteps=True)}
+    assert K_STYLE == {"leading": dict(steps_offset=1), "trailing": {}, "linspace": {}}
+    assert spacing_options("Leading", "k", 0) == dict(steps_offset=0)
+    assert spacing_options("leading-karras", "k", 1) == dict(steps_offset=1)
+    assert spacing_options("karras", "multistep", 1) == {} == spacing_options("normal", "ddim", 1)
 
 
 @functools.cache  # constructing KDPM2 costs ~1 s; every test calls set_timesteps before reading one
@@ -102,6 +112,25 @@ def test_euler_karras_exponential(variant, spacing, steps):
     # at t ~ 1000 amplified by the log-sigma slope, far below what moves a timestep embedding.
     t = sigma_to_t(ours[:-1], TABLE.log())
     assert (sched.timesteps - t).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("cls", K_SCHEDULERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", STEPS[1:])
+def test_spaced_karras(cls, spacing, steps):
+    """k-style schedulers with use_karras_sigmas span the spacing's sigma range: leading_karras,
+    trailing_karras (linspace's range is the training one: plain karras, test_euler_karras_exponential)."""
+    sched = scheduler(cls, spacing, use_karras_sigmas=True)
+    sched.set_timesteps(steps)
+    ours = make_sigmas(f"{spacing}_karras", steps, ACP, **spacing_options(f"{spacing}_karras", "k", 1))
+    assert torch.equal(distinct(sched.sigmas, cls), ours)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 6, 8, 13, 50])
+def test_lcm_schedule(steps):
+    sched = scheduler(diffusers.LCMScheduler, "leading")
+    sched.set_timesteps(steps)
+    assert torch.equal(make_sigmas("lcm", steps, ACP)[:-1], TABLE[sched.timesteps])
 
 
 @pytest.mark.parametrize("cls", [diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler],
@@ -190,6 +219,8 @@ def test_errors():
         make_sigmas("normal", 0, ACP)
     with pytest.raises(InputError, match="does not take option.*steps_offset"):
         make_sigmas("karras", 10, ACP, steps_offset=1)
+    with pytest.raises(InputError, match="lcm schedule takes at most 50 steps"):
+        make_sigmas("lcm", 51, ACP)
     with pytest.raises(InputError, match="final_sigma"):
         make_sigmas("normal", 10, ACP, final_sigma="one")
     with pytest.raises(InputError, match="sigma_min < sigma_max"):

@@ -61,6 +61,7 @@ def read_diffusers_folder(path: str | Path, *, prediction: str | None = None,
     vae = vae_config_from_diffusers(vae_json)
     text = text_config_from_hf(_json(path / "text_encoder" / "config.json"))
     scheduler = _json(path / "scheduler" / "scheduler_config.json")
+    steps_offset = _steps_offset(scheduler, path)
     tokenizer = Tokenizer.from_folder(path / "tokenizer", max_length=text.max_length)
     text = dataclasses.replace(text, pad_id=tokenizer.pad_id)
     config = ModelConfig(
@@ -70,7 +71,8 @@ def read_diffusers_folder(path: str | Path, *, prediction: str | None = None,
         resolution=_json(path / "unet" / "config.json").get("sample_size", 64) * vae.downsample_factor,
         beta_schedule=scheduler.get("beta_schedule", "scaled_linear"),
         beta_start=scheduler.get("beta_start", 0.00085), beta_end=scheduler.get("beta_end", 0.012),
-        num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
+        num_train_timesteps=scheduler.get("num_train_timesteps", 1000),
+        steps_offset=steps_offset)
     sd = {UNET + k: v for k, v in unet_from_diffusers(_weights(path, "unet"), unet).items()}
     sd |= {VAE + k: v for k, v in vae_from_diffusers(_weights(path, "vae"), vae).items()}
     # transformers < 5 saves CLIPTextModel keys under `text_model.`; 5.x saves them without it.
@@ -79,6 +81,14 @@ def read_diffusers_folder(path: str | Path, *, prediction: str | None = None,
     model = build_on_meta(config, tokenizer)
     load_strict(model, sd, where=str(path), dtype=dtype)
     return model
+
+
+def _steps_offset(scheduler: dict, path: Path) -> int:
+    value = scheduler.get("steps_offset", 0)  # diffusers' schedulers default to 0 when the key is absent
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{path / 'scheduler' / 'scheduler_config.json'}: steps_offset must be a "
+                              f"non-negative integer, not {value!r}; fix the file (SD ships 1)")
+    return value
 
 
 def _text_for_diffusers(model: StableDiffusion) -> tuple[dict, dict]:
@@ -126,11 +136,11 @@ def write_diffusers_folder(model: StableDiffusion, path: str | Path) -> Path:
 
 
 def _scheduler_config(cfg: ModelConfig) -> dict:
-    # What SD 1.5 / 2.x ship: PNDM, leading spacing, steps_offset 1.
+    # What SD 1.5 / 2.x ship: PNDM, leading spacing (steps_offset: the model's, SD's 1).
     return {"_class_name": "PNDMScheduler", "beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start,
             "beta_end": cfg.beta_end, "num_train_timesteps": cfg.num_train_timesteps,
             "prediction_type": {"eps": "epsilon", "v": "v_prediction"}[cfg.prediction],
-            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": cfg.steps_offset, "clip_sample": False,
             "timestep_spacing": "leading"}
 
 
