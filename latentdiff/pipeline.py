@@ -198,7 +198,7 @@ class Pipeline:
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
         schedule = schedule or default_schedule  # diffusers' spacings laid out as this sampler's scheduler does
         sigmas = make_sigmas(schedule, steps, acp,
-                             **spacing_options(schedule, diffusers_layout(sample_fn), self.config.steps_offset))
+                             **spacing_options(schedule, diffusers_layout(sample_fn), self.config))
 
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.in_channels, height // f, width // f)

@@ -250,7 +250,7 @@ _ALIASES = {"pndm": "PLMS"}
 
 # The family of diffusers schedulers each sampler reproduces, for how it lays out "leading", "trailing" and
 # "linspace" (schedules.LAYOUTS); the others are k-diffusion-style ("k").
-_DIFFUSERS_LAYOUT = {sample_ddim: "ddim", sample_plms: "ddim", stochastic.sample_ddpm: "ddim",
+_DIFFUSERS_LAYOUT = {sample_ddim: "ddim", sample_plms: "ddim", stochastic.sample_ddpm: "ddpm",
                      sample_dpmpp_2m: "multistep", stochastic.sample_dpmpp_2m_sde: "multistep",
                      sample_unipc: "multistep"}
 

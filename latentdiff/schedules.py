@@ -144,23 +144,32 @@ def linspace(steps: int, train_sigmas: torch.Tensor, *, skip_lowest: bool = Fals
 # reproduces is the sampler registry's to say (sampling.diffusers_layout).
 LAYOUTS = {
     "k": {},  # Euler, Euler a, Heun, LMS, KDPM2 (a): fractional timesteps, the defaults above
-    "ddim": {"linspace": dict(round_timesteps=True)},  # DDIM, PNDM, DDPM: integer timesteps
+    "ddim": {"linspace": dict(round_timesteps=True)},  # DDIM, PNDM: integer timesteps; final sigma below
+    "ddpm": {"linspace": dict(round_timesteps=True)},  # DDPM: as DDIM, always ending at sigma 0
     "multistep": {"leading": dict(skip_lowest=True),  # DPMSolverMultistep, UniPC
                   "linspace": dict(skip_lowest=True, round_timesteps=True)},
 }
 
 
-def spacing_options(schedule: str, layout: str, steps_offset: int) -> dict:
+def spacing_options(schedule: str, layout: str, config) -> dict:
     """The make_sigmas options that lay out a diffusers spacing (leading, trailing, linspace) as the
-    schedulers of `layout` do, with the model's steps_offset; no options for the other schedules."""
+    schedulers of `layout` do for a ModelConfig: its steps_offset (leading only, as in diffusers), and for
+    DDIM / PNDM the last step ending at the smallest training sigma unless config.set_alpha_to_one (returned
+    as it is there: the caller scales by 1 / sqrt(1 + sigma^2) for diffusers' latents). No options for the
+    other schedules."""
     name = _schedule_key(schedule)
     if name == "leading_karras":
-        return {"steps_offset": steps_offset}
+        return {"steps_offset": config.steps_offset}
     if name not in ("leading", "trailing", "linspace"):
         return {}
     options = dict(LAYOUTS[layout].get(name, {}))
     if name == "leading":
-        options["steps_offset"] = steps_offset
+        options["steps_offset"] = config.steps_offset
+    # (where the lowest timestep is 0, diffusers' last step goes from the smallest sigma to itself, which
+    # no strictly descending schedule expresses: those end at 0)
+    lowest_is_zero = name == "linspace" or (name == "leading" and config.steps_offset == 0)
+    if layout == "ddim" and not config.set_alpha_to_one and not lowest_is_zero:
+        options["final_sigma"] = "min"
     return options
 
 
