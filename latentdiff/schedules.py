@@ -154,9 +154,9 @@ LAYOUTS = {
 def spacing_options(schedule: str, layout: str, config) -> dict:
     """The make_sigmas options that lay out a diffusers spacing (leading, trailing, linspace) as the
     schedulers of `layout` do for a ModelConfig: its steps_offset (leading only, as in diffusers), and for
-    DDIM / PNDM the last step ending at the smallest training sigma unless config.set_alpha_to_one (returned
-    as it is there: the caller scales by 1 / sqrt(1 + sigma^2) for diffusers' latents). No options for the
-    other schedules."""
+    DDIM / PNDM the last step ending at the smallest training sigma unless config.set_alpha_to_one (diffusers
+    then returns the latents there times 1 / sqrt(1 + sigma^2), the samplers them unscaled). No options
+    for the other schedules."""
     name = _schedule_key(schedule)
     if name == "leading_karras":
         return {"steps_offset": config.steps_offset}
