@@ -10,9 +10,12 @@ import json
 import logging
 import os
 import pickle
+import pickletools
 import re
 import secrets
 import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -162,17 +165,28 @@ def _read_safetensors_meta(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
     try:
-        # mmap only works for the zip format; weights_only refuses every non-tensor global.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
+        with warnings.catch_warnings():  # torch warns on every pickle protocol but 2; the outcome says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # mmap only works for the zip format; weights_only refuses every non-tensor global.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
     except Exception as e:  # torch raises a zoo of types (RuntimeError, EOFError, struct.error, ...)
         text = _plain(e)
-        forbidden = re.search(r"GLOBAL (\S+?)(?:\s|$)", text) if isinstance(e, pickle.UnpicklingError) else None
-        if forbidden:
-            raise CheckpointError(
-                f"{path}: refused to load: this pickle calls {forbidden.group(1)}, not just tensor "
-                "constructors, and pickles can run arbitrary code. If you trust its source, convert it to "
-                ".safetensors in a separate trusted environment, or download the model's .safetensors "
-                "release") from e
+        if isinstance(e, pickle.UnpicklingError):
+            named = re.search(r"GLOBAL (\S+?)(?:\s|$)", text)
+            # torch names the global only where its reader gets that far: not past a protocol 4+ FRAME
+            forbidden = named.group(1) if named else _first_unsafe_global(path, kind)
+            if forbidden:
+                raise CheckpointError(
+                    f"{path}: refused to load: this pickle calls {forbidden}, not just tensor "
+                    "constructors, and pickles can run arbitrary code. If you trust its source, convert it to "
+                    ".safetensors in a separate trusted environment, or download the model's .safetensors "
+                    "release") from e
+            if "Unsupported operand" in text:
+                raise CheckpointError(
+                    f"{path}: cannot read this PyTorch checkpoint safely: it is pickled with a protocol (4 or "
+                    "later) that torch's code-free reader does not support. If you trust its source, re-save it "
+                    "as .safetensors in a separate trusted environment, or download the model's .safetensors "
+                    "release") from e
         reason = re.split(r"\.\s|\n", text)[0] or type(e).__name__  # torch's first sentence says it
         raise CheckpointError(f"{path}: cannot read this PyTorch checkpoint: the file is damaged, "
                               f"truncated or not written by torch.save ({reason}); download it again") from e
@@ -181,6 +195,53 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _first_unsafe_global(path: Path, kind: str) -> str | None:
+    """The first "module.name" the file's pickles would call that torch's weights-only reader does not allow,
+    found by reading their opcodes: nothing is unpickled. None if there is none or the file is unreadable."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals  # private: the exact list torch allows
+    except ImportError:
+        return None
+    allowed = set(_get_allowed_globals())
+    try:
+        if kind == "torch-zip":
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                names = _pickle_globals(archive.open(name), pickles=1)
+        else:  # legacy: magic number, protocol, system info, the object, storage keys; then raw storages
+            with open(path, "rb") as f:
+                names = _pickle_globals(f, pickles=5)
+        return next((n for n in names if n not in allowed), None)
+    except (StopIteration, zipfile.BadZipFile, OSError):
+        return None
+
+
+def _pickle_globals(f, pickles: int) -> list[str]:
+    """Globals named by the next `pickles` pickles in a file. STACK_GLOBAL takes its module and name from
+    the two values pushed before it (strings, or memo entries holding them); names built any other way
+    are reported as such."""
+    found = []
+    for _ in range(pickles):
+        pushed, memo = [], {}
+        try:
+            for op, arg, _pos in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    module, name = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+                    found.append(f"{module}.{name}" if isinstance(module, str) and isinstance(name, str)
+                                 else "a function whose name it builds while loading")
+                if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if op.name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.name != "FRAME":
+                    pushed.append(arg if isinstance(arg, str) and "UNICODE" in op.name else None)
+        except ValueError:  # past the pickles: a legacy file's raw storage bytes
+            break
+    return found
 
 
 def _plain(error: Exception) -> str:

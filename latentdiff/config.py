@@ -108,6 +108,8 @@ class ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    steps_offset: int = 1  # added to diffusers' "leading" timesteps (scheduler_config.json; SD ships 1)
+    set_alpha_to_one: bool = False  # diffusers' DDIM / PNDM end at sigma 0, else at the smallest (SD: False)
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):

@@ -22,8 +22,9 @@ from .loader import load_model, model_hash
 from .model import StableDiffusion
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
+from .sampling import diffusers_layout
 from .sampling_stochastic import brownian_noise_sampler
-from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
+from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas, spacing_options
 from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
 log = logging.getLogger("latentdiff")
@@ -285,7 +286,9 @@ class Pipeline:
             uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip))
         denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
-        sigmas = make_sigmas(schedule, request.steps, acp)
+        # diffusers' spacings laid out as this sampler's diffusers scheduler does
+        sigmas = make_sigmas(schedule, request.steps, acp,
+                             **spacing_options(schedule, diffusers_layout(spec.fn), self.config))
 
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.out_channels, request.height // f, request.width // f)
@@ -312,7 +315,9 @@ class Pipeline:
         with fastpaths.keep_freed_memory() if keep else nullcontext():
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
-        return x
+        # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,
+        # where those schedulers return the variance-preserving latents; for a schedule ending at 0 this is x / 1
+        return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
 
     # -- autoencoder --------------------------------------------------------------------------------
 

@@ -263,6 +263,16 @@ SAMPLERS = {spec.name: spec for spec in (
 )}
 _ALIASES = {"pndm": "PLMS"}
 
+# The family of diffusers schedulers each sampler reproduces, for how it lays out "leading", "trailing" and
+# "linspace" (schedules.LAYOUTS); the others are k-diffusion-style ("k").
+_DIFFUSERS_LAYOUT = {sample_ddim: "ddim", sample_plms: "ddim", stochastic.sample_ddpm: "ddpm",
+                     sample_dpmpp_2m: "multistep", stochastic.sample_dpmpp_2m_sde: "multistep",
+                     sample_unipc: "multistep"}
+
+
+def diffusers_layout(sample_fn) -> str:
+    return _DIFFUSERS_LAYOUT.get(sample_fn, "k")
+
 
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower().replace("+", "p")).replace("ancestral", "a")

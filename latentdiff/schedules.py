@@ -18,10 +18,16 @@ Schedules by name (make_sigmas):
   exponential  evenly spaced in log sigma between sigma_min and sigma_max
   leading, trailing, linspace
                diffusers' timestep_spacing. Its schedulers disagree on details, hence the options:
-               steps_offset (leading; SD 1.x ships 1); skip_lowest=True lays out steps + 1 timesteps and
-               drops the lowest (DPMSolverMultistep, UniPC); round_timesteps=True rounds linspace
-               timesteps to integers (DDIM, PNDM, DPMSolverMultistep, UniPC) where the k-diffusion-style
-               schedulers (Euler, Heun, LMS, KDPM2) keep them fractional and interpolate sigma linearly.
+               steps_offset (leading only: diffusers' trailing and linspace ignore it; SD ships 1);
+               skip_lowest=True lays out steps + 1 timesteps and drops the lowest (DPMSolverMultistep,
+               UniPC); round_timesteps=True rounds linspace timesteps to integers (DDIM, PNDM, DDPM,
+               DPMSolverMultistep, UniPC) where the k-diffusion-style schedulers (Euler, Heun, LMS, KDPM2)
+               keep them fractional and interpolate sigma linearly. spacing_options picks them by layout.
+  leading_karras, trailing_karras
+               karras between the sigmas of that spacing's first and last timesteps (diffusers' Euler, Heun,
+               LMS, KDPM2 with use_karras_sigmas; their linspace case is plain karras)
+  lcm          diffusers' LCMScheduler: `steps` of the 50 distillation timesteps 19, 39, ..., 999, evenly
+               by index from the top
 """
 
 import inspect
@@ -134,6 +140,39 @@ def linspace(steps: int, train_sigmas: torch.Tensor, *, skip_lowest: bool = Fals
     return _spaced_sigmas("linspace", steps, train_sigmas, skip_lowest=skip_lowest, round_timesteps=round_timesteps)
 
 
+# How each family of diffusers schedulers lays out a spacing, as the options above. Which family a sampler
+# reproduces is the sampler registry's to say (sampling.diffusers_layout).
+LAYOUTS = {
+    "k": {},  # Euler, Euler a, Heun, LMS, KDPM2 (a): fractional timesteps, the defaults above
+    "ddim": {"linspace": dict(round_timesteps=True)},  # DDIM, PNDM: integer timesteps; final sigma below
+    "ddpm": {"linspace": dict(round_timesteps=True)},  # DDPM: as DDIM, always ending at sigma 0
+    "multistep": {"leading": dict(skip_lowest=True),  # DPMSolverMultistep, UniPC
+                  "linspace": dict(skip_lowest=True, round_timesteps=True)},
+}
+
+
+def spacing_options(schedule: str, layout: str, config) -> dict:
+    """The make_sigmas options that lay out a diffusers spacing (leading, trailing, linspace) as the
+    schedulers of `layout` do for a ModelConfig: its steps_offset (leading only, as in diffusers), and for
+    DDIM / PNDM the last step ending at the smallest training sigma unless config.set_alpha_to_one (diffusers
+    then returns the latents there times 1 / sqrt(1 + sigma^2), the samplers them unscaled). No options
+    for the other schedules."""
+    name = _schedule_key(schedule)
+    if name == "leading_karras":
+        return {"steps_offset": config.steps_offset}
+    if name not in ("leading", "trailing", "linspace"):
+        return {}
+    options = dict(LAYOUTS[layout].get(name, {}))
+    if name == "leading":
+        options["steps_offset"] = config.steps_offset
+    # (where the lowest timestep is 0, diffusers' last step goes from the smallest sigma to itself, which
+    # no strictly descending schedule expresses: those end at 0)
+    lowest_is_zero = name == "linspace" or (name == "leading" and config.steps_offset == 0)
+    if layout == "ddim" and not config.set_alpha_to_one and not lowest_is_zero:
+        options["final_sigma"] = "min"
+    return options
+
+
 # -- sampling schedules ------------------------------------------------------------------------------
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
@@ -161,6 +200,19 @@ def ddim_uniform(steps: int, train_sigmas: torch.Tensor) -> torch.Tensor:
     return leading(steps, train_sigmas, steps_offset=1)
 
 
+def lcm(steps: int, train_sigmas: torch.Tensor, *, original_steps: int = 50):
+    """diffusers' LCMScheduler timesteps: of the distillation schedule k - 1, 2k - 1, ..., T - 1
+    (k = T // original_steps), counted down from the top, the ones at indices floor(i * original_steps /
+    steps) (numpy's linspace without endpoint)."""
+    if not 1 <= steps <= original_steps:
+        raise InputError(f"the lcm schedule takes at most {original_steps} steps (its distillation schedule's "
+                         f"length), not {steps}")
+    k = len(train_sigmas) // original_steps
+    origin = [(i + 1) * k - 1 for i in range(original_steps)][::-1]
+    step = original_steps / steps
+    return _append_zero(train_sigmas[[origin[math.floor(i * step)] for i in range(steps)]])
+
+
 def karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     ramp = torch.tensor(_linspace(0.0, 1.0, steps), dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -184,6 +236,20 @@ def _karras(steps, train_sigmas, *, sigma_min=None, sigma_max=None, rho=7.0):
     return karras(steps, *_sigma_range(train_sigmas, sigma_min, sigma_max, "karras"), rho)
 
 
+def leading_karras(steps: int, train_sigmas: torch.Tensor, *, steps_offset: int = 0) -> torch.Tensor:
+    """karras between the sigmas of leading's lowest and highest timesteps: diffusers' Euler, Heun, LMS and
+    KDPM2 (a) with use_karras_sigmas under leading spacing (under linspace they span the training range:
+    plain karras)."""
+    spaced = leading(steps, train_sigmas, steps_offset=steps_offset)
+    return karras(steps, float(spaced[-2]), float(spaced[0]))
+
+
+def trailing_karras(steps: int, train_sigmas: torch.Tensor) -> torch.Tensor:
+    """karras between the sigmas of trailing's lowest and highest timesteps (as leading_karras)."""
+    spaced = trailing(steps, train_sigmas)
+    return karras(steps, float(spaced[-2]), float(spaced[0]))
+
+
 def _exponential(steps, train_sigmas, *, sigma_min=None, sigma_max=None):
     return exponential(steps, *_sigma_range(train_sigmas, sigma_min, sigma_max, "exponential"))
 
@@ -198,7 +264,14 @@ SCHEDULES = {
     "leading": leading,
     "trailing": trailing,
     "linspace": linspace,
+    "lcm": lcm,
+    "leading_karras": leading_karras,
+    "trailing_karras": trailing_karras,
 }
+
+
+def _schedule_key(name: str) -> str:
+    return name.lower().replace("-", "_").replace(" ", "_")
 
 
 def schedule_names() -> list[str]:
@@ -211,7 +284,7 @@ def make_sigmas(schedule: str, steps: int, alphas_cumprod: torch.Tensor, *, fina
 
     final_sigma: "zero" (default) ends at 0, "min" at the smallest training sigma.
     """
-    fn = SCHEDULES.get(schedule.lower().replace("-", "_").replace(" ", "_"))
+    fn = SCHEDULES.get(_schedule_key(schedule))
     if fn is None:
         raise InputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= len(alphas_cumprod):

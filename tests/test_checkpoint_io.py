@@ -225,6 +225,27 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, zip_forma
     assert "\x1b" not in message  # torch's terminal colour codes are not passed on
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_code_calling_pickle_is_refused_at_any_protocol_without_warnings(tmp_path, protocol, zip_format, recwarn):
+    """torch's weights-only reader stops at protocol 4's FRAME opcode before it sees the global, and warns on
+    every protocol but 2; the refusal still names what the pickle calls, and no warning reaches the user."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    evil = {"state_dict": {"w": torch.ones(2)}, "x": Payload(*PAYLOADS["system"](marker))}
+    torch.save(evil, path, _use_new_zipfile_serialization=zip_format, pickle_protocol=protocol)
+    raises(path, "refused to load: this pickle calls posix.system", "safetensors")
+    assert not marker.exists()
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
+
+
+def test_protocol_4_pickle_without_code_says_why_it_cannot_be_read(tmp_path, recwarn):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tensors()}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    message = raises(path, "cannot read this PyTorch checkpoint safely", "protocol (4 or later)", "safetensors")
+    assert "damaged" not in message and not recwarn.list
+
+
 # --- memory: reading safetensors maps the file, it does not copy it ------------------------------
 
 

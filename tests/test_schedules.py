@@ -1,5 +1,6 @@
 """Timesteps and sigmas against diffusers' schedulers configured as SD 1.5 ships them."""
 
+import dataclasses
 import functools
 import warnings
 
@@ -10,7 +11,7 @@ import torch
 from latentdiff.config import preset
 from latentdiff.errors import InputError
 from latentdiff.schedules import (alphas_cumprod_for, img2img_sigmas, make_sigmas, schedule_names, sigma_to_t,
-                                  spaced_timesteps, training_sigmas)
+                                  spaced_timesteps, spacing_options, training_sigmas)
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             steps_offset=1)
@@ -19,11 +20,27 @@ SPACINGS = ("leading", "trailing", "linspace")
 ACP = alphas_cumprod_for(preset("sd1"))
 TABLE = training_sigmas(ACP)
 
-# How each diffusers scheduler family lays out timesteps, as make_sigmas options.
-K_STYLE = {"leading": dict(steps_offset=1), "trailing": {}, "linspace": {}}  # Euler, Heun, LMS, KDPM2
-DDIM_STYLE = {"leading": dict(steps_offset=1), "trailing": {}, "linspace": dict(round_timesteps=True)}
-MULTISTEP_STYLE = {"leading": dict(steps_offset=1, skip_lowest=True), "trailing": {},  # DPMSolver, UniPC
-                   "linspace": dict(skip_lowest=True, round_timesteps=True)}
+# How each diffusers scheduler family lays out timesteps, as make_sigmas options: what the pipeline passes.
+SD = preset("sd1")  # steps_offset 1, set_alpha_to_one False, as SD ships them
+K_STYLE = {sp: spacing_options(sp, "k", SD) for sp in SPACINGS}  # Euler, Heun, LMS, KDPM2
+DDIM_STYLE = {sp: spacing_options(sp, "ddim", SD) for sp in SPACINGS}  # DDIM, PNDM
+DDIM_TIMESTEPS = {sp: {k: v for k, v in opts.items() if k != "final_sigma"} for sp, opts in DDIM_STYLE.items()}
+MULTISTEP_STYLE = {sp: spacing_options(sp, "multistep", SD) for sp in SPACINGS}  # DPMSolver, UniPC
+
+
+def test_spacing_options():
+    """steps_offset goes to leading only (diffusers' trailing and linspace ignore it); the rest by family."""
+    assert MULTISTEP_STYLE == {"leading": dict(steps_offset=1, skip_lowest=True), "trailing": {},
+                               "linspace": dict(skip_lowest=True, round_timesteps=True)}
+    assert DDIM_STYLE == {"leading": dict(steps_offset=1, final_sigma="min"), "trailing": dict(final_sigma="min"),
+                          "linspace": dict(round_timesteps=True)}  # its lowest timestep is 0: no step below
+    assert K_STYLE == {"leading": dict(steps_offset=1), "trailing": {}, "linspace": {}}
+    other = dataclasses.replace(SD, steps_offset=0, set_alpha_to_one=True)
+    assert spacing_options("Leading", "k", other) == dict(steps_offset=0)
+    assert spacing_options("leading", "ddim", dataclasses.replace(SD, steps_offset=0)) == dict(steps_offset=0)
+    assert spacing_options("trailing", "ddim", other) == {} == spacing_options("trailing", "ddpm", SD)
+    assert spacing_options("leading-karras", "k", SD) == dict(steps_offset=1)
+    assert spacing_options("karras", "multistep", SD) == {} == spacing_options("normal", "ddim", SD)
 
 
 @functools.cache  # constructing KDPM2 costs ~1 s; every test calls set_timesteps before reading one
@@ -43,7 +60,7 @@ def test_alphas_cumprod_equal_diffusers():
 def test_ddim_and_pndm(spacing, steps):
     ddim = scheduler(diffusers.DDIMScheduler, spacing, clip_sample=False, set_alpha_to_one=False)
     ddim.set_timesteps(steps)
-    ours = spaced_timesteps(spacing, steps, **DDIM_STYLE[spacing])
+    ours = spaced_timesteps(spacing, steps, **DDIM_TIMESTEPS[spacing])
     assert torch.equal(ddim.timesteps, ours.long())
 
     pndm = scheduler(diffusers.PNDMScheduler, spacing, skip_prk_steps=True, set_alpha_to_one=False)
@@ -58,7 +75,7 @@ def test_ddim_and_pndm(spacing, steps):
     if spacing != "linspace":
         prev = ddim.timesteps - 1000 // steps
         alpha_prev = torch.where(prev >= 0, ACP[prev.clamp(min=0)], ddim.final_alpha_cumprod)
-        sigmas = make_sigmas(spacing, steps, ACP, final_sigma="min", **DDIM_STYLE[spacing])
+        sigmas = make_sigmas(spacing, steps, ACP, **DDIM_STYLE[spacing])  # ending at the smallest sigma
         assert torch.equal(sigmas[:-1], TABLE[ddim.timesteps])
         assert torch.equal(sigmas[1:], ((1 - alpha_prev) / alpha_prev) ** 0.5)
 
@@ -102,6 +119,25 @@ def test_euler_karras_exponential(variant, spacing, steps):
     # at t ~ 1000 amplified by the log-sigma slope, far below what moves a timestep embedding.
     t = sigma_to_t(ours[:-1], TABLE.log())
     assert (sched.timesteps - t).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("cls", K_SCHEDULERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", STEPS[1:])
+def test_spaced_karras(cls, spacing, steps):
+    """k-style schedulers with use_karras_sigmas span the spacing's sigma range: leading_karras,
+    trailing_karras (linspace's range is the training one: plain karras, test_euler_karras_exponential)."""
+    sched = scheduler(cls, spacing, use_karras_sigmas=True)
+    sched.set_timesteps(steps)
+    ours = make_sigmas(f"{spacing}_karras", steps, ACP, **spacing_options(f"{spacing}_karras", "k", SD))
+    assert torch.equal(distinct(sched.sigmas, cls), ours)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 6, 8, 13, 50])
+def test_lcm_schedule(steps):
+    sched = scheduler(diffusers.LCMScheduler, "leading")
+    sched.set_timesteps(steps)
+    assert torch.equal(make_sigmas("lcm", steps, ACP)[:-1], TABLE[sched.timesteps])
 
 
 @pytest.mark.parametrize("cls", [diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler],
@@ -190,6 +226,8 @@ def test_errors():
         make_sigmas("normal", 0, ACP)
     with pytest.raises(InputError, match="does not take option.*steps_offset"):
         make_sigmas("karras", 10, ACP, steps_offset=1)
+    with pytest.raises(InputError, match="lcm schedule takes at most 50 steps"):
+        make_sigmas("lcm", 51, ACP)
     with pytest.raises(InputError, match="final_sigma"):
         make_sigmas("normal", 10, ACP, final_sigma="one")
     with pytest.raises(InputError, match="sigma_min < sigma_max"):

@@ -65,6 +65,8 @@ def read_diffusers_folder(path: str | Path, *, prediction: str | None = None, dt
     vae = vae_config_from_diffusers(vae_json)
     text = text_config_from_hf(text_json)
     scheduler = _json(path / "scheduler" / "scheduler_config.json")
+    steps_offset = _scheduler_field(scheduler, path, "steps_offset", int, 0)
+    alpha_to_one = _scheduler_field(scheduler, path, "set_alpha_to_one", bool, True)
     tokenizer = Tokenizer.from_folder(path / "tokenizer", max_length=text.max_length)
     text = dataclasses.replace(text, pad_id=tokenizer.pad_id)
     config = ModelConfig(
@@ -74,7 +76,9 @@ def read_diffusers_folder(path: str | Path, *, prediction: str | None = None, dt
         resolution=_json(path / "unet" / "config.json").get("sample_size", 64) * vae.downsample_factor,
         beta_schedule=scheduler.get("beta_schedule", "scaled_linear"),
         beta_start=scheduler.get("beta_start", 0.00085), beta_end=scheduler.get("beta_end", 0.012),
-        num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
+        num_train_timesteps=scheduler.get("num_train_timesteps", 1000),
+        steps_offset=steps_offset, set_alpha_to_one=alpha_to_one)
+
     def weights(part: str) -> dict:
         return read_state_dict(weights_file(path, part), meta=meta)
 
@@ -85,6 +89,19 @@ def read_diffusers_folder(path: str | Path, *, prediction: str | None = None, dt
     model = build_on_meta(config, tokenizer)
     load_strict(model, sd, where=str(path), dtype=dtype)
     return model
+
+
+def _scheduler_field(scheduler: dict, path: Path, key: str, kind: type, default):
+    """A scheduler_config.json value, or diffusers' DDIMScheduler default when the key is absent."""
+    value = scheduler.get(key, default)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        problem = "a non-negative integer"
+    elif kind is bool and not isinstance(value, bool):
+        problem = "true or false"
+    else:
+        return value
+    raise CheckpointError(f"{path / 'scheduler' / 'scheduler_config.json'}: {key} must be {problem}, not "
+                          f"{value!r}; fix the file (SD ships steps_offset 1, set_alpha_to_one false)")
 
 
 def _text_for_diffusers(model: StableDiffusion) -> tuple[dict, dict]:
@@ -135,12 +152,12 @@ def write_diffusers_folder(model: StableDiffusion, path: str | Path) -> Path:
 
 
 def _scheduler_config(cfg: ModelConfig) -> dict:
-    # What SD 1.5 / 2.x ship: PNDM, leading spacing, steps_offset 1.
+    # What SD 1.5 / 2.x ship: PNDM, leading spacing (steps_offset and set_alpha_to_one: the model's).
     return {"_class_name": "PNDMScheduler", "beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start,
             "beta_end": cfg.beta_end, "num_train_timesteps": cfg.num_train_timesteps,
             "prediction_type": {"eps": "epsilon", "v": "v_prediction"}[cfg.prediction],
-            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
-            "timestep_spacing": "leading"}
+            "set_alpha_to_one": cfg.set_alpha_to_one, "skip_prk_steps": True, "steps_offset": cfg.steps_offset,
+            "clip_sample": False, "timestep_spacing": "leading"}
 
 
 def _model_index() -> dict:
