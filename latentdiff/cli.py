@@ -7,10 +7,10 @@ import secrets
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, resources
 from .errors import InputError, LatentDiffError
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "weights" / "demo" / "model.safetensors"
+DEMO_MODEL = resources.demo_model()
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
