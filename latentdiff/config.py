@@ -1,4 +1,4 @@
-"""Model architectures as frozen dataclasses, and the named presets stored as JSON beside this file.
+"""Model architectures as frozen dataclasses, and the named presets stored as JSON (configs/presets/).
 
 A preset's keys equal the dataclass fields; an unknown key is an error, and there are no class paths.
 """
@@ -6,11 +6,11 @@ A preset's keys equal the dataclass fields; an unknown key is an error, and ther
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from . import resources
 from .errors import InputError
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = resources.preset_dir()
 # precisions by the names users type
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
                "bf16": "bfloat16", "bfloat16": "bfloat16"}

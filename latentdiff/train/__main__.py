@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output folder (model, samples, logs, checkpoints)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished stages")
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--preset", default="demo", help="model architecture preset (latentdiff/configs/NAME.json)")
+    model.add_argument("--preset", default="demo", help="model architecture preset (configs/presets/NAME.json)")
     model.add_argument("--config", type=Path, help="model architecture as a JSON file with ModelConfig keys")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                         help="recipe overrides, e.g. unet.steps=3000 vae.batch_size=16 seed=1 (see recipe.Recipe)")
