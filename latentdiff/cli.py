@@ -42,8 +42,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_flags(p)
     speed = p.add_argument_group("speed and memory")
-    speed.add_argument("--threads", type=int, help="CPU threads (default: one per physical core; fewer can win "
-                                                   "when other programs keep the cores busy)")
+    speed.add_argument("--threads", type=int, help="CPU threads (default: as many as there are idle cores when each "
+                                                   "generation starts, at most one per physical core)")
     speed.add_argument("--vae-tiling", default="auto", metavar="{auto,on,off}",
                        help="decode/encode the image in overlapping tiles to bound memory (auto: above 1024x1024)")
     speed.add_argument("--attention-slice", type=int, metavar="TOKENS",
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .fastpaths import use_huge_pages
+    from .memory import use_huge_pages
     use_huge_pages()  # before any tensor exists: PyTorch reads the switch at its first allocation
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -105,7 +105,7 @@ def _torch_dtype(name):
 
 
 def _pipeline(args, device=None):
-    from .fastpaths import set_threads
+    from .threads import set_threads
     from .pipeline import Pipeline
     from .tiling import check_tiling_mode
     check_tiling_mode(args.vae_tiling)  # bad switches fail before the model loads
@@ -117,7 +117,7 @@ def _pipeline(args, device=None):
     return Pipeline.from_pretrained(model, config=args.config, prediction=args.prediction,
                                     device=args.device or device, dtype=_torch_dtype(args.dtype),
                                     vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
-                                    compile=args.compile, offload=args.offload)
+                                    compile=args.compile, offload=args.offload, threads=args.threads)
 
 
 def _jobs(args) -> list[dict]:

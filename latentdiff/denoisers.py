@@ -9,7 +9,7 @@ interpolating in log sigma (fractional between training steps), and turns the pr
 import torch
 
 from .errors import InputError
-from .fastpaths import to_device
+from .devices import to_device
 from .schedules import sigma_to_t, training_sigmas
 
 

@@ -11,15 +11,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import fastpaths
+from . import speedups
 from .denoisers import CFGDenoiser, DiscreteDenoiser
+from .devices import default_dtype, to_device
 from .errors import GenerationError, InputError
 from .images import pil_to_tensor, tensor_to_pil
 from .loader import load_model
+from .memory import keep_freed_memory
 from .model import StableDiffusion
 from .sampling import resolve_sampler
 from .sampling_stochastic import brownian_noise_sampler, sample_dpmpp_sde
 from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas
+from .threads import check_threads, generation_threads
 from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
 log = logging.getLogger("latentdiff")
@@ -36,9 +39,9 @@ class Result:
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device (CUDA if there is one, else the CPU) and the fast dtype for it that keeps image quality:
-    fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (fastpaths.default_dtype)."""
+    fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (devices.default_dtype)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return device, dtype or fastpaths.default_dtype(device)
+    return device, dtype or default_dtype(device)
 
 
 class Pipeline:
@@ -48,19 +51,22 @@ class Pipeline:
     `compile`: torch.compile the U-Net, falling back to eager if compiling fails;
     `offload` (CUDA only): text encoder and VAE wait on the CPU and visit the GPU only while they run;
     `keep_freed_memory` (CPU; on by default): sampling reuses freed memory instead of fresh pages from the
-    kernel (fastpaths.keep_freed_memory)."""
+    kernel (memory.keep_freed_memory);
+    `threads`: intra-op CPU threads while generating; None: as many as there are idle cores, at most the
+    process's setting, which is restored after each generation (threads.generation_threads)."""
 
     def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None,
                  vae_tiling: str = "auto", attention_slice: int | None = None, compile: bool = False,
-                 offload: bool = False, keep_freed_memory: bool = True):
+                 offload: bool = False, keep_freed_memory: bool = True, threads: int | None = None):
         self.model = model
+        self.threads = threads if threads is None else check_threads(threads)
         self.keep_freed_memory = keep_freed_memory
         self.source = Path(source) if source else None
         self.vae_tiling = check_tiling_mode(vae_tiling)
-        fastpaths.set_attention_slicing(model, attention_slice)
+        speedups.set_attention_slicing(model, attention_slice)
         self.offload, self.compile = offload, compile
         self.to(*default_device_dtype(device, dtype))
-        self._unet = fastpaths.compile_unet(model.unet, self.device) if compile else model.unet
+        self._unet = speedups.compile_unet(model.unet, self.device) if compile else model.unet
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, config=None, prediction: str | None = None,
@@ -79,11 +85,11 @@ class Pipeline:
                              f"--offload out (or use --device cuda)")
         self.device, self.dtype = device, dtype or self.model.dtype
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
-        cpu_bf16_layout = fastpaths.prefers_channels_last(self.device, self.dtype)
-        fastpaths.set_memory_format(self.model, cpu_bf16_layout)
+        cpu_bf16_layout = speedups.prefers_channels_last(self.device, self.dtype)
+        speedups.set_memory_format(self.model, cpu_bf16_layout)
         # inductor packs weights its own way and cannot trace the packed ops' closures: not with compile
-        fastpaths.prepack_convolutions(self.model, cpu_bf16_layout and not self.compile)
-        fastpaths.fuse_projections(self.model, self.device.type == "cuda" and not self.compile)
+        speedups.prepack_convolutions(self.model, cpu_bf16_layout and not self.compile)
+        speedups.fuse_projections(self.model, self.device.type == "cuda" and not self.compile)
         if self.offload:
             for part in (self.model.text_encoder, self.model.vae):
                 part.to("cpu")
@@ -141,7 +147,7 @@ class Pipeline:
 
     def _randn(self, gens: list[torch.Generator], shape: tuple) -> torch.Tensor:
         noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens])
-        return fastpaths.to_device(noise, self.device)
+        return to_device(noise, self.device)
 
     def _denoiser(self, cond, uncond, cfg_scale):
         dtype = self.dtype
@@ -162,9 +168,10 @@ class Pipeline:
                 noise_device: str = "cpu") -> Result:
         width, height = width or self.config.resolution, height or self.config.resolution
         self.check_size(width, height)
-        return self._generate(prompt, negative_prompt, None, 1.0, width, height, steps, sampler, schedule,
-                              cfg_scale, seed, batch_size, clip_skip, eta, callback, progress, return_latents,
-                              noise_device)
+        with generation_threads(self.threads):
+            return self._generate(prompt, negative_prompt, None, 1.0, width, height, steps, sampler, schedule,
+                                  cfg_scale, seed, batch_size, clip_skip, eta, callback, progress, return_latents,
+                                  noise_device)
 
     @torch.no_grad()
     def img2img(self, image: Image.Image, prompt: str, negative_prompt: str = "", *, strength: float = 0.75,
@@ -176,9 +183,10 @@ class Pipeline:
         if not 0.0 < strength <= 1.0:
             raise InputError(f"--strength must be in (0, 1], not {strength}")
         self.check_size(image.width, image.height, ("--init-image width", "--init-image height"))
-        return self._generate(prompt, negative_prompt, image, strength, image.width, image.height, steps,
-                              sampler, schedule, cfg_scale, seed, batch_size, clip_skip, eta, callback,
-                              progress, return_latents, noise_device)
+        with generation_threads(self.threads):
+            return self._generate(prompt, negative_prompt, image, strength, image.width, image.height, steps,
+                                  sampler, schedule, cfg_scale, seed, batch_size, clip_skip, eta, callback,
+                                  progress, return_latents, noise_device)
 
     def _generate(self, prompt, negative_prompt, image, strength, width, height, steps, sampler, schedule,
                   cfg_scale, seed, batch_size, clip_skip, eta, callback, progress, return_latents, noise_device):
@@ -220,7 +228,7 @@ class Pipeline:
         if sample_fn is sample_dpmpp_sde:  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
-        with fastpaths.keep_freed_memory() if keep else nullcontext():
+        with keep_freed_memory() if keep else nullcontext():
             x = sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise,
                           **options)
         bar.close()
