@@ -12,6 +12,7 @@ is used as given.
 Idle cores come from /proc/stat (Linux): its `procs_running` line says whether anything besides this
 process is runnable at all (the common quiet case costs one file read); if something is, the per-CPU idle
 time over a short window says how much of the CPUs it takes. Elsewhere the default is PyTorch's.
+PyTorch has one setting per process: two generations running at once in one process share it.
 """
 
 import os
