@@ -9,9 +9,10 @@ one, at most what PyTorch would use), and puts the process's setting back afterw
 torch.set_num_threads is never changed behind its back. An explicit count (`--threads N`, Pipeline(threads=N))
 is used as given.
 
-Idle cores come from /proc/stat (Linux): its `procs_running` line says whether anything besides this
-process is runnable at all (the common quiet case costs one file read); if something is, the per-CPU idle
-time over a short window says how much of the CPUs it takes. Elsewhere the default is PyTorch's.
+Idle cores come from /proc/stat (Linux): the usable CPUs less the runnable threads of other processes
+(its `procs_running` line less this process's own runnable threads, averaged over a few readings: ~2 ms),
+or, where the affinity mask leaves some of the machine's CPUs out, the idle time of the usable CPUs over a
+50 ms window. Elsewhere the default is PyTorch's.
 PyTorch has one setting per process: two generations running at once in one process share it.
 """
 
@@ -24,6 +25,7 @@ import torch
 
 from .errors import InputError
 
+SAMPLES, SAMPLE_GAP_S = 8, 0.0002  # procs_running readings: a busy loop is in every one, a burst in some
 WINDOW_S = 0.05  # /proc/stat counts in 10 ms ticks: 5 ticks per CPU tell a busy core from an idle one
 
 
@@ -94,17 +96,35 @@ def running_threads_of_this_process() -> int:
     return count
 
 
+def others_running(stat: Path, samples: int = SAMPLES) -> float:
+    """The mean number of runnable threads of other processes over `samples` readings of procs_running
+    (a fraction of a millisecond each, SAMPLE_GAP_S apart)."""
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(SAMPLE_GAP_S)
+        running = parse_stat(stat.read_text())[1]
+        if running is None:
+            raise OSError(f"{stat}: no procs_running line")
+        counts.append(max(0, running - running_threads_of_this_process()))
+    return sum(counts) / samples
+
+
 def idle_threads(limit: int, window_s: float = WINDOW_S, stat: Path = Path("/proc/stat")) -> int:
-    """Threads for the cores idle now (see the module's docstring), at most `limit`; `limit` where /proc is
-    missing."""
+    """Threads for the cores idle now, at most `limit`; `limit` where /proc is missing. Where this process
+    may use every CPU of the machine, idle cores are the usable CPUs less the other processes' runnable
+    threads (procs_running, a few readings: ~2 ms); where its affinity mask leaves some CPUs out (a
+    container's cpuset), procs_running also counts threads on CPUs it cannot use, so the idle time of its
+    own CPUs is measured over a `window_s` window instead."""
+    cpus = usable_cpus()
     try:
-        before, running = parse_stat(stat.read_text())
-        if running is not None and running <= running_threads_of_this_process():
-            return limit  # nothing else wants a CPU
+        if len(cpus) == os.cpu_count():
+            return threads_for(len(cpus) - others_running(stat), limit)
+        before = parse_stat(stat.read_text())[0]
         wall, own = time.monotonic(), time.process_time()
         time.sleep(window_s)
-        after, _ = parse_stat(stat.read_text())
-        idle = idle_cores(before, after, usable_cpus(), time.process_time() - own, time.monotonic() - wall)
+        after = parse_stat(stat.read_text())[0]
+        idle = idle_cores(before, after, cpus, time.process_time() - own, time.monotonic() - wall)
     except OSError:
         return limit
     return limit if idle is None else threads_for(idle, limit)

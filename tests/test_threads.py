@@ -53,23 +53,47 @@ def test_threads_for_idle_cores(idle, limit, expected):
     assert threads.threads_for(idle, limit) == expected
 
 
-def test_idle_threads_from_samples(monkeypatch, tmp_path):
-    """One other runnable task: a window is sampled (the kernel's counters move while it sleeps); only this
-    process's threads runnable: no window; no /proc (macOS, Windows): PyTorch's setting."""
+def stat_with_running(n: int) -> str:
+    return BEFORE.replace("procs_running 2", f"procs_running {n}")
+
+
+def test_idle_threads_from_the_runnable_count(monkeypatch, tmp_path):
+    """Every CPU usable: idle cores are the CPUs less the other processes' runnable threads, averaged over
+    the readings (procs_running less this process's own runnable threads)."""
+    stat = tmp_path / "stat"
+    readings = iter([])
+    monkeypatch.setattr(threads, "usable_cpus", lambda: {0, 1})
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "running_threads_of_this_process", lambda: 2)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: stat.write_text(stat_with_running(next(readings))))
+
+    def choose(*running):  # procs_running at each reading
+        nonlocal readings
+        readings = iter(running[1:])
+        stat.write_text(stat_with_running(running[0]))
+        return threads.idle_threads(limit=2, stat=stat)
+
+    assert choose(*[2] * threads.SAMPLES) == 2  # only this process's two threads: quiet
+    assert choose(*[3] * threads.SAMPLES) == 1  # a busy loop in every reading
+    assert choose(*([3, 2] * threads.SAMPLES)[:threads.SAMPLES]) == 2  # a burst in half of them: 1.5 idle
+    assert choose(*[1] * threads.SAMPLES) == 2  # counts taken at different instants: never below zero
+    stat.write_text("cpu0 1 2 3 4 5 6 7 8\n")  # no procs_running line (an old kernel): PyTorch's setting
+    assert threads.idle_threads(limit=2, stat=stat) == 2
+    assert threads.idle_threads(limit=2, stat=tmp_path / "missing") == 2  # no /proc (macOS, Windows)
+
+
+def test_idle_threads_over_a_window_in_a_cpuset(monkeypatch, tmp_path):
+    """Some of the machine's CPUs outside the affinity mask (procs_running counts them too): the idle time
+    of the usable CPUs over a window, which the kernel's counters move through while it sleeps."""
     stat = tmp_path / "stat"
     monkeypatch.setattr(threads, "usable_cpus", lambda: {0, 1})
-    monkeypatch.setattr(threads, "running_threads_of_this_process", lambda: 1)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 3)
     monkeypatch.setattr(threads.time, "sleep", lambda s: stat.write_text(AFTER))
     clock = iter([0.0, 1.0])  # the window: one second, in which this process used no CPU
     monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(threads.time, "process_time", lambda: 0.0)
     stat.write_text(BEFORE)
-    assert threads.idle_threads(limit=2, stat=stat) == 1
-    monkeypatch.setattr(threads, "running_threads_of_this_process", lambda: 2)
-    stat.write_text(BEFORE)
-    assert threads.idle_threads(limit=2, stat=stat) == 2
-    assert stat.read_text() == BEFORE  # decided without a window
-    assert threads.idle_threads(limit=2, stat=tmp_path / "missing") == 2
+    assert threads.idle_threads(limit=2, stat=stat) == 1  # cpu0 busy, cpu1 85% idle, cpu2 not ours
 
 
 def test_generation_threads_restores_the_process_setting(monkeypatch):
