@@ -1,8 +1,6 @@
 """The `latentdiff` command: txt2img, img2img, info, convert, samplers."""
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -10,19 +8,8 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .config import DTYPE_NAMES
-from .errors import FieldError, InputError, LatentDiffError
-
-# request fields as the command line names them
-FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
-         "steps": "--steps", "sampler": "--sampler", "schedule": "--schedule", "cfg_scale": "--cfg-scale",
-         "seed": "--seed", "batch_size": "--batch-size", "n_iter": "--n-iter", "clip_skip": "--clip-skip",
-         "eta": "--eta", "strength": "--strength", "init_image": "--init-image", "resize_mode": "--resize-mode",
-         "device": "--device", "dtype": "--dtype"}
-# the per-line options of a JSON prompts file: the request's plain fields
-JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
-            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode")
-
+from .errors import InputError, LatentDiffError
+from .jobs import Job, command_jobs, for_the_command_line
 
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, like every other error of the command."""
@@ -37,8 +24,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES),
-                   help="default: fp16 on CUDA, bf16 on CPUs with AMX / AVX512-BF16, else fp32")
+    p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp16 on CUDA, bf16 on CPUs with AMX / AVX512-BF16, "
+                                   "else fp32)")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
@@ -80,8 +67,8 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_flags(p)
     speed = p.add_argument_group("speed and memory")
-    speed.add_argument("--threads", type=int, help="CPU threads (default: one per physical core; fewer can win "
-                                                   "when other programs keep the cores busy)")
+    speed.add_argument("--threads", type=int, help="CPU threads (default: as many as there are idle cores when each "
+                                                   "generation starts, at most one per physical core)")
     speed.add_argument("--vae-tiling", default="auto", metavar="{auto,on,off}",
                        help="decode/encode the image in overlapping tiles to bound memory (default: auto, which "
                             "tiles above 1024x1024)")
@@ -108,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("target", help="*.safetensors -> single file; anything else -> a new diffusers folder")
     conv.add_argument("--config", help="preset instead of detection (single-file sources)")
     conv.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type")
-    conv.add_argument("--dtype", choices=list(DTYPE_NAMES),
+    conv.add_argument("--dtype", metavar="{fp32,fp16,bf16}",
                       help="cast the weights (e.g. fp16 halves the size); default: keep the source's dtypes")
     sub.add_parser("samplers", help="list sampler names and schedules")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .fastpaths import use_huge_pages
+    from .memory import use_huge_pages
     use_huge_pages()  # before any tensor exists: PyTorch reads the switch at its first allocation
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -130,20 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except (LatentDiffError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         if args.debug:
             raise
-        print(f"latentdiff: error: {_for_the_command_line(e)}", file=sys.stderr)
+        print(f"latentdiff: error: {for_the_command_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("latentdiff: interrupted", file=sys.stderr)
         return 130
-
-
-def _for_the_command_line(error: Exception) -> str:
-    """A library error as the command line names things: field names become the flags that set them (or the
-    prompts-file line or PNG that did), as recorded in the error's `origin`."""
-    if not isinstance(error, FieldError):
-        return str(error)
-    origin = getattr(error, "origin", {}).get(error.field) or FLAGS.get(error.field, error.field)
-    return f"{origin} {error.problem}"
 
 
 def say(line: str) -> None:
@@ -154,120 +132,6 @@ def say(line: str) -> None:
 
 
 # -- generation ----------------------------------------------------------------------------------------
-
-class Job:
-    """One request to run, where each of its fields came from (for messages), and in batch mode the stem of
-    its files, made from its content so that a rerun of an edited prompts file finds what is already done."""
-
-    def __init__(self, request, origin: dict[str, str], stem: str | None = None):
-        self.request, self.origin, self.stem = request, origin, stem
-
-    def check(self, fn, *args, **kwargs):
-        """fn(...) with a FieldError told where its field came from."""
-        try:
-            return fn(*args, **kwargs)
-        except FieldError as e:
-            e.origin = self.origin
-            raise
-
-
-def _flags(args) -> dict:
-    """The request fields given as flags (left-out flags are absent: see _add_generation_flags)."""
-    fields = {name: getattr(args, name) for name in FLAGS if hasattr(args, name) and name not in ("device", "dtype")}
-    if getattr(args, "init_image", None) is None:
-        fields.pop("init_image", None)
-    return fields
-
-
-def _jobs(args, mode: str) -> list[Job]:
-    """The jobs of a command line: one per prompts-file line in batch mode, else one from the flags and
-    (with --from-png) the PNG's parameters. Each is validated here, before any model loads."""
-    from .request import FIELD_NAMES, GenerationRequest
-    flags = _flags(args)
-    base, origin = {}, {name: FLAGS[name] for name in flags}
-    if args.from_png:
-        base = _png_fields(args.from_png, mode)
-        origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin
-    if mode == "img2img" and "init_image" not in flags:
-        raise InputError("img2img needs --init-image IMAGE: the picture to start from")
-    if not args.prompts_file:
-        if "prompt" not in flags and "prompt" not in base:
-            raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
-        job = Job(GenerationRequest(**(base | flags)), origin)
-        job.check(job.request.validate)
-        return _load_init_images([job])
-    jobs, seen = [], {}
-    for n, line_fields in _prompts_file(Path(args.prompts_file)):
-        where = f"--prompts-file {args.prompts_file}:{n}:"
-        fields = base | flags | line_fields
-        line_origin = origin | {name: f"{where} {name}" for name in line_fields}
-        unknown = set(fields) - set(FIELD_NAMES)
-        assert not unknown, unknown  # _prompts_file admits JOB_KEYS only
-        content = json.dumps({k: str(v) for k, v in sorted(fields.items())}, ensure_ascii=False)
-        seen[content] = seen.get(content, -1) + 1  # identical lines are separate jobs
-        key = hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:12]
-        job = Job(GenerationRequest(**fields), line_origin, stem=key)
-        job.check(job.request.validate)
-        jobs.append(job)
-    return _load_init_images(jobs)
-
-
-def _load_init_images(jobs: list[Job]) -> list[Job]:
-    """Each init image read once, now: a bad file fails before the model loads."""
-    from .images import load_image
-    loaded = {}
-    for job in jobs:
-        path = job.request.init_image
-        if path is not None:
-            loaded[path] = loaded.get(path) or load_image(path)
-            job.request = job.request.replace(init_image=loaded[path])
-    return jobs
-
-
-def _prompts_file(path: Path):
-    """(line number, fields) for each prompt of a prompts file: plain lines are prompts, JSON lines hold
-    request fields (JOB_KEYS); blank lines and # comments are skipped."""
-    if not path.is_file():
-        raise InputError(f"--prompts-file {path}: no such file")
-    found = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if not line.startswith("{"):
-            found.append((n, {"prompt": line}))
-            continue
-        try:
-            fields = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--prompts-file {path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(fields, dict):
-            raise InputError(f"--prompts-file {path}:{n}: a JSON line must be an object of options")
-        unknown = sorted(set(fields) - set(JOB_KEYS))
-        if unknown or "prompt" not in fields:
-            raise InputError(f"--prompts-file {path}:{n}: needs a 'prompt'; allowed keys {list(JOB_KEYS)}, "
-                             f"unknown {unknown}")
-        found.append((n, fields))
-    if not found:
-        raise InputError(f"--prompts-file {path}: no prompts in it")
-    return found
-
-
-def _png_fields(path: str, mode: str) -> dict:
-    """The request fields a PNG's parameters give, for a replay; one note names what it cannot honour."""
-    from .infotext import parse_parameters, read_png_parameters, to_fields
-    try:
-        fields, unhonoured = to_fields(parse_parameters(read_png_parameters(path)))
-    except InputError as e:
-        raise InputError(f"--from-png {path}: {e}") from None
-    if "strength" in fields and mode == "txt2img":
-        raise InputError(f"--from-png {path}: this image was made by img2img (Denoising strength "
-                         f"{fields['strength']:g}); replay it with `latentdiff img2img --from-png {path} "
-                         f"--init-image IMAGE`, giving the image it started from")
-    if unhonoured:
-        say(f"note: --from-png: not replayed (latentdiff cannot honour them): {', '.join(unhonoured)}")
-    return fields
-
 
 def _check_outdir(outdir: Path) -> None:
     """The output folder can be made (save_png makes it) or written, checked before any model work and without
@@ -283,8 +147,8 @@ def _check_outdir(outdir: Path) -> None:
 
 
 def _pipeline(args, device=None):
-    from .fastpaths import set_threads
     from .pipeline import Pipeline
+    from .threads import set_threads
     from .tiling import check_tiling_mode
     check_tiling_mode(args.vae_tiling)  # bad switches fail before the model loads
     set_threads(args.threads)
@@ -293,7 +157,7 @@ def _pipeline(args, device=None):
     return Pipeline.from_pretrained(args.model, config=args.config, prediction=args.prediction,
                                     device=args.device or device, dtype=args.dtype,
                                     vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
-                                    compile=args.compile, offload=args.offload)
+                                    compile=args.compile, offload=args.offload, threads=args.threads)
 
 
 def _split_between_processes(jobs: list[Job], args) -> tuple[list[Job], object, str]:
@@ -318,7 +182,9 @@ def _generate(args, mode: str) -> int:
     from .images import save_png
     from .request import RANDOM_SEED
 
-    jobs = _jobs(args, mode)
+    jobs, notes = command_jobs(args, mode)
+    for note in notes:
+        say(f"note: {note}")
     outdir = Path(args.outdir)
     _check_outdir(outdir)
     device, tag = None, ""
@@ -348,7 +214,7 @@ def _generate(args, mode: str) -> int:
 
 
 def _torch_dtype(name):
-    from .pipeline import parse_dtype
+    from .devices import parse_dtype
     return parse_dtype(name) if name else None
 
 

@@ -101,13 +101,13 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class SelfAttention(nn.Module):
-    qkv_names = ("q_proj", "k_proj", "v_proj")  # the projections fastpaths.fuse_projections fuses into `qkv`
+    qkv_names = ("q_proj", "k_proj", "v_proj")  # the projections speedups.fuse_projections fuses into `qkv`
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
-        self.qkv = None  # fastpaths.fuse_projections: the three projections in one matmul
+        self.qkv = None  # speedups.fuse_projections: the three projections in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))

@@ -11,9 +11,6 @@ from . import resources
 from .errors import InputError
 
 PRESET_DIR = resources.preset_dir()
-# precisions by the names users type
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
-               "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 
 from .conditioning import Cond, as_cond, cat_conds
 from .errors import InputError
-from .fastpaths import to_device
+from .devices import to_device
 from .schedules import sigma_to_t, training_sigmas
 
 

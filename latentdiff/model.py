@@ -7,6 +7,7 @@ The attribute names mirror the CompVis/ldm checkpoint: `model.diffusion_model.*`
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .clip import TextEncoder, Tokenizer
 from .config import ModelConfig
@@ -48,11 +49,25 @@ class StableDiffusion(nn.Module):
                 for name, part in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))}
 
 
+class _SkipInitialisers(TorchFunctionMode):
+    """torch.nn.init's functions and the in-place random fills return their tensor untouched. On the meta
+    device they compute nothing anyway, but a meta normal_ runs through torch._refs, whose first call
+    imports torch._dynamo: ~1.8 s of the CLI's start-up (benchmarks/startup.md)."""
+
+    FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]  # nn.init passes its tensor by name
+        return func(*args, **(kwargs or {}))
+
+
 def build_on_meta(config: ModelConfig, tokenizer: Tokenizer | None = None) -> StableDiffusion:
     """An empty model whose tensors are materialised by a strict load with assign=True.
 
     Building on the meta device skips random initialisation (seconds for SD size) and allocates no
-    memory that the checkpoint's own tensors would then duplicate.
+    memory that the checkpoint's own tensors would then duplicate; the initialisers are skipped too
+    (_SkipInitialisers): meta tensors hold no values for them to set.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitialisers():
         return StableDiffusion(config, tokenizer)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, fastpaths
+from . import __version__, memory, speedups
 from .conditioning import Cond, concat_family, map_tensors
-from .config import DTYPE_NAMES
 from .denoisers import CFGDenoiser, DiscreteDenoiser
+from .devices import DTYPE_NAMES, check_device, default_dtype, parse_dtype, to_device
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields
@@ -25,6 +25,7 @@ from .resources import demo_model
 from .sampling import diffusers_layout
 from .sampling_stochastic import brownian_noise_sampler
 from .schedules import alphas_cumprod_for, img2img_sigmas, make_sigmas, spacing_options
+from .threads import check_threads, generation_threads
 from .tiling import check_tiling_mode, tiled_decode, tiled_encode, wants_tiling
 
 log = logging.getLogger("latentdiff")
@@ -44,36 +45,9 @@ RUN_OPTIONS = ("callback", "progress", "return_latents", "noise_device")
 
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device (CUDA if there is one, else the CPU) and the fast dtype for it that keeps image quality:
-    fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (fastpaths.default_dtype)."""
+    fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (devices.default_dtype)."""
     device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, parse_dtype(dtype) if dtype is not None else fastpaths.default_dtype(device)
-
-
-def check_device(device) -> torch.device:
-    """`device` as a torch.device that this machine has; FieldError("device") otherwise."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise FieldError("device", f"{device!r} is not a device: use cpu, cuda, cuda:1, mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FieldError("device", f"{device}: this machine has no CUDA GPU that PyTorch can use "
-                                   f"(torch {torch.__version__}); leave it out, or use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise FieldError("device", f"{device}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise FieldError("device", f"{device}: Apple's MPS is not available on this machine; leave it out, or use cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise FieldError("device", f"{device}: latentdiff runs on cpu, cuda or mps")
-    return device
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    """A torch floating-point dtype, or its name as users type it ("fp16", "bf16", "float32", ...)."""
-    if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
-        return getattr(torch, DTYPE_NAMES[dtype.lower()])
-    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return dtype
-    raise FieldError("dtype", f"{dtype!r}: choose one of {', '.join(DTYPE_NAMES)} (or a torch dtype)")
+    return device, parse_dtype(dtype) if dtype is not None else default_dtype(device)
 
 
 class Pipeline:
@@ -83,19 +57,22 @@ class Pipeline:
     `compile`: torch.compile the U-Net, falling back to eager if compiling fails;
     `offload` (CUDA only): text encoder and VAE wait on the CPU and visit the GPU only while they run;
     `keep_freed_memory` (CPU; on by default): sampling reuses freed memory instead of fresh pages from the
-    kernel (fastpaths.keep_freed_memory)."""
+    kernel (memory.keep_freed_memory);
+    `threads`: intra-op CPU threads while generating; None: as many as there are idle cores, at most the
+    process's setting, which is restored after each generation (threads.generation_threads)."""
 
     def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None,
                  vae_tiling: str = "auto", attention_slice: int | None = None, compile: bool = False,
-                 offload: bool = False, keep_freed_memory: bool = True):
+                 offload: bool = False, keep_freed_memory: bool = True, threads: int | None = None):
         self.model = model
+        self.threads = threads if threads is None else check_threads(threads)
         self.keep_freed_memory = keep_freed_memory
         self.source = Path(source) if source else None
         self.vae_tiling = check_tiling_mode(vae_tiling)
-        fastpaths.set_attention_slicing(model, attention_slice)
+        speedups.set_attention_slicing(model, attention_slice)
         self.offload, self.compile = offload, compile
         self.to(*default_device_dtype(device, dtype))
-        self._unet = fastpaths.compile_unet(model.unet, self.device) if compile else model.unet
+        self._unet = speedups.compile_unet(model.unet, self.device) if compile else model.unet
 
     @classmethod
     def from_pretrained(cls, source: str | Path | None = None, *, config=None, prediction: str | None = None,
@@ -121,11 +98,11 @@ class Pipeline:
                              f"--offload out (or use --device cuda)")
         self.device, self.dtype = device, dtype or self.model.dtype
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
-        cpu_bf16_layout = fastpaths.prefers_channels_last(self.device, self.dtype)
-        fastpaths.set_memory_format(self.model, cpu_bf16_layout)
+        cpu_bf16_layout = speedups.prefers_channels_last(self.device, self.dtype)
+        speedups.set_memory_format(self.model, cpu_bf16_layout)
         # inductor packs weights its own way and cannot trace the packed ops' closures: not with compile
-        fastpaths.prepack_convolutions(self.model, cpu_bf16_layout and not self.compile)
-        fastpaths.fuse_projections(self.model, self.device.type == "cuda" and not self.compile)
+        speedups.prepack_convolutions(self.model, cpu_bf16_layout and not self.compile)
+        speedups.fuse_projections(self.model, self.device.type == "cuda" and not self.compile)
         if self.offload:
             for part in (self.model.text_encoder, self.model.vae):
                 part.to("cpu")
@@ -177,7 +154,7 @@ class Pipeline:
 
     def _randn(self, gens: list[torch.Generator], shape: tuple) -> torch.Tensor:
         noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens])
-        return fastpaths.to_device(noise, self.device)
+        return to_device(noise, self.device)
 
     def _denoiser(self, cond: Cond, uncond: Cond | None, cfg_scale):
         dtype = self.dtype
@@ -248,16 +225,17 @@ class Pipeline:
         `noise_device` (the CPU by default, so a seed gives the same image on any device)."""
         request, notes = self.prepare(request)
         images, seeds, latents = [], [], []
-        for iteration in range(request.n_iter):
-            first = request.seed + iteration * request.batch_size
-            batch_seeds = [first + i for i in range(request.batch_size)]
-            x = self._sample(request, batch_seeds, callback, progress, noise_device)
-            decoded, decode_notes = self.decode(x)
-            images += decoded
-            seeds += batch_seeds
-            notes += decode_notes
-            if return_latents:
-                latents.append(x)
+        with generation_threads(self.threads):
+            for iteration in range(request.n_iter):
+                first = request.seed + iteration * request.batch_size
+                batch_seeds = [first + i for i in range(request.batch_size)]
+                x = self._sample(request, batch_seeds, callback, progress, noise_device)
+                decoded, decode_notes = self.decode(x)
+                images += decoded
+                seeds += batch_seeds
+                notes += decode_notes
+                if return_latents:
+                    latents.append(x)
         return Result(images=images, seeds=seeds, latents=torch.cat(latents) if latents else None, notes=notes,
                       request=request)
 
@@ -312,7 +290,7 @@ class Pipeline:
         if spec.noise == "brownian":  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
-        with fastpaths.keep_freed_memory() if keep else nullcontext():
+        with memory.keep_freed_memory() if keep else nullcontext():
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
         # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,

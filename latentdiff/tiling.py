@@ -8,7 +8,7 @@ is the weighted mean of the tiles that cover it, so seams fade instead of cuttin
 The result is close to, not equal to, an untiled decode: GroupNorm statistics and the mid-block
 attention see one tile instead of the whole image, and pixels near a tile edge lose context (measured
 on random-weight VAEs, the lost context dominates). A wide overlap (default half a tile) keeps the
-weight of those edge pixels low; on the cases of tests/test_fastpaths.py this is 1-6 dB closer to the
+weight of those edge pixels low; on the cases of tests/test_speedups.py this is 1-6 dB closer to the
 untiled result than diffusers' tiling (a quarter-tile overlap, cropped seams) at the same tile size.
 Tiles are laid out on the latent grid in both directions, so tile and overlap count latent pixels
 (x8 in image pixels for SD).

@@ -36,17 +36,17 @@ class CrossAttention(nn.Module):
     """Multi-head attention from `dim`-wide queries to `context_dim`-wide keys/values (self-attention when
     no context is given). q/k/v have no bias in ldm."""
 
-    qkv_names = ("to_q", "to_k", "to_v")  # the projections fastpaths.fuse_projections fuses into `qkv`
+    qkv_names = ("to_q", "to_k", "to_v")  # the projections speedups.fuse_projections fuses into `qkv`
 
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
         self.heads, self.upcast = heads, upcast
-        self.chunk: int | None = None  # query block size of sliced attention (fastpaths.set_attention_slicing)
+        self.chunk: int | None = None  # query block size of sliced attention (speedups.set_attention_slicing)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # ldm's to_out.1 (dropout) holds no weights
-        self.qkv = None  # fastpaths.fuse_projections: q, k, v in one matmul when attending to x itself
+        self.qkv = None  # speedups.fuse_projections: q, k, v in one matmul when attending to x itself
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None and self.qkv is not None:

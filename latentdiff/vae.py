@@ -91,7 +91,7 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.norm = group_norm(channels, eps=NORM_EPS)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
-        self.chunk: int | None = None  # query block size of sliced attention (fastpaths.set_attention_slicing)
+        self.chunk: int | None = None  # query block size of sliced attention (speedups.set_attention_slicing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)

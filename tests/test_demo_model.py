@@ -8,7 +8,6 @@ own StableDiffusionPipeline loads it and paints the same picture as ours.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

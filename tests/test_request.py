@@ -10,7 +10,8 @@ from tiny import SD1, tiny_model
 import latentdiff
 from latentdiff.errors import FieldError, InputError
 from latentdiff.images import resize_to
-from latentdiff.pipeline import Pipeline, check_device, parse_dtype
+from latentdiff.devices import check_device, parse_dtype
+from latentdiff.pipeline import Pipeline
 from latentdiff.request import DEFAULTS, GenerationRequest, resize_mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -18,11 +18,11 @@ the first side and the reference.
 A side is IMPL[:DTYPE][+OPTION...]: IMPL ours | diffusers; DTYPE fp32 | bf16 | fp16 (default --dtype);
 options: autocast (fp32 weights, compute in DTYPE under torch.autocast), tile (tiled VAE decode),
 slice (sliced attention), channels_last / nchw (U-Net and VAE convs in NHWC / NCHW; ours defaults to
-latentdiff.fastpaths' choice, NHWC for CPU bf16; diffusers to NCHW), small_pages (ours on CPU without
-fastpaths.use_huge_pages), unpacked (ours on CPU bf16 without fastpaths.prepack_convolutions), fused /
-unfused (ours with / without fastpaths.fuse_projections; default: fused on CUDA only), release_memory (ours on
-CPU without fastpaths.keep_freed_memory around sampling), keep_memory (diffusers inside
-fastpaths.keep_freed_memory for the whole generation: its U-Net steps without page faults whatever its heap
+latentdiff.speedups' choice, NHWC for CPU bf16; diffusers to NCHW), small_pages (ours on CPU without
+memory.use_huge_pages), unpacked (ours on CPU bf16 without speedups.prepack_convolutions), fused /
+unfused (ours with / without speedups.fuse_projections; default: fused on CUDA only), release_memory (ours on
+CPU without memory.keep_freed_memory around sampling), keep_memory (diffusers inside
+memory.keep_freed_memory for the whole generation: its U-Net steps without page faults whatever its heap
 layout, see benchmarks/cpu.md), compile (ours with the U-Net under torch.compile, CUDA graphs on CUDA: give it
 --warmup 2, as compiling and recording the graphs take the first calls and the timed run should replay).
 
@@ -179,14 +179,15 @@ def load_side(side: dict, folder: Path, device: torch.device):
     weights = torch.float32 if "autocast" in side["options"] else compute
 
     if side["impl"] == "ours":
-        from latentdiff.fastpaths import fuse_projections, prepack_convolutions, set_memory_format
+        from latentdiff.speedups import fuse_projections, prepack_convolutions, set_memory_format
         from latentdiff.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(folder, device=device, dtype=weights,
                                         vae_tiling="on" if "tile" in side["options"] else "off",
                                         attention_slice=ATTENTION_CHUNK if "slice" in side["options"] else None,
                                         keep_freed_memory="release_memory" not in side["options"],
-                                        compile="compile" in side["options"])
+                                        compile="compile" in side["options"],
+                                        threads=torch.get_num_threads())  # diffusers' count, not the idle-core default
         text, vae = pipe.model.text_encoder, pipe.model.vae
         # compiled: time the compiled module, whose hooks run outside the compiled graph
         unet = pipe._unet.compiled if pipe.compile else pipe.model.unet
@@ -211,7 +212,7 @@ def load_side(side: dict, folder: Path, device: torch.device):
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-        from latentdiff.fastpaths import keep_freed_memory
+        from latentdiff.memory import keep_freed_memory
 
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=weights, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
@@ -242,13 +243,14 @@ def load_side(side: dict, folder: Path, device: torch.device):
 
 def worker(args) -> None:
     """One side in this process: load, warm up, time one generation, write results + images."""
-    from latentdiff.fastpaths import set_threads, use_huge_pages
+    from latentdiff.memory import use_huge_pages
+    from latentdiff.threads import set_threads
 
     side = parse_side(args.worker, args.dtype)
     device = torch.device(args.device)
     set_threads(args.threads)
     if side["impl"] == "ours" and device.type == "cpu" and "small_pages" not in side["options"]:
-        use_huge_pages()  # ours' CPU default (see latentdiff.fastpaths)
+        use_huge_pages()  # ours' CPU default (see latentdiff.memory)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     generate, unet, text, decoder = load_side(side, Path(args.folder), device)

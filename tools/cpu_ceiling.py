@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentdiff import fastpaths
+from latentdiff import speedups
 from latentdiff.config import UNetConfig, preset
 from latentdiff.unet import UNet
 
@@ -57,10 +57,10 @@ def peak_rates(dtype: torch.dtype, size: int) -> dict[str, float]:
     side, channels = size // 8, 320
     conv = nn.Conv2d(channels, channels, 3, padding=1).to(dtype)
     x = torch.randn(2, channels, side, side, dtype=dtype)
-    if fastpaths.prefers_channels_last("cpu", dtype):
-        fastpaths.set_memory_format(conv, True)
+    if speedups.prefers_channels_last("cpu", dtype):
+        speedups.set_memory_format(conv, True)
         x = x.contiguous(memory_format=torch.channels_last)
-    fastpaths.prepack_convolutions(conv, dtype == torch.bfloat16)
+    speedups.prepack_convolutions(conv, dtype == torch.bfloat16)
     with torch.no_grad():
         conv_rate = best_rate(lambda: conv(x), 2 * 2 * channels * channels * 9 * side * side)
     return {"GEMM": gemm, "conv": conv_rate}

@@ -51,8 +51,8 @@ if [[ $what == all || $what == bench ]]; then
     bench gpu-512-fp16 330 2 ours:fp16+compile diffusers:fp16 ours:fp16
 fi
 if [[ $what == all || $what == tests ]]; then
-    # the CUDA tests, the offload test and the benchmark's CUDA smoke run (test_fastpaths: *cuda*, *offload*)
-    timeout "$(limit 170)" python3 -m pytest -q -rs tests/test_cuda.py tests/test_fastpaths.py -k "cuda or offload" \
+    # the CUDA tests, the offload test and the benchmark's CUDA smoke run (test_speedups: *cuda*, *offload*)
+    timeout "$(limit 170)" python3 -m pytest -q -rs tests/test_cuda.py tests/test_speedups.py -k "cuda or offload" \
         2>&1 | tee "$out/tests.txt"
 fi
 if [[ $what == all || $what == nhwc ]]; then  # ours compiled with NHWC convolutions

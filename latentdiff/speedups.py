@@ -1,20 +1,17 @@
-"""Speed and memory switches, decided at run time: dtype per device, threads, sliced attention, compile.
+"""Speed-ups that change how the networks run, not what they compute: memory layout, pre-packed
+convolutions, fused projections, sliced attention, the guarded torch.compile. Each is a switch on a model,
+decided at run time; nothing here runs at import.
 
-Nothing here runs at import. What is on by default (measured on CPU, see benchmarks/cpu.md):
-SDPA attention everywhere (layers.attention), classifier-free guidance as one batched U-Net call
-(denoisers.CFGDenoiser), bf16 weights with channels_last, pre-packed convolutions on CPUs with native bf16
-matmuls (AMX / AVX512-BF16), freed memory kept for reuse while sampling on CPU (glibc), fp16 and fused
-q/k/v projections on CUDA. Off by default, for the cases that need them: sliced attention (a backend
-without fused SDPA kernels), tiled VAE (latentdiff.tiling; very large images), torch.compile (pays
-minutes up front).
+What is on by default (measured on CPU, see benchmarks/cpu.md): SDPA attention everywhere
+(layers.attention), classifier-free guidance as one batched U-Net call (denoisers.CFGDenoiser), bf16
+weights with channels_last and pre-packed convolutions on CPUs with native bf16 matmuls (AMX /
+AVX512-BF16; the dtype choice is devices.default_dtype), fp16 and fused q/k/v projections on CUDA. Off by
+default, for the cases that need them: sliced attention (a backend without fused SDPA kernels), tiled VAE
+(latentdiff.tiling; very large images), torch.compile (pays minutes up front). Threads: latentdiff.threads;
+memory: latentdiff.memory.
 """
 
-import ctypes
-import functools
 import logging
-import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,45 +20,6 @@ from torch import nn
 from .errors import InputError, LatentDiffError
 
 log = logging.getLogger("latentdiff")
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 dot-product units
-
-
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """The feature flags of the first processor listed in /proc/cpuinfo text (x86)."""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
-def read_cpuinfo() -> str:
-    """The text of /proc/cpuinfo; empty on systems without it (macOS, Windows)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether bf16 matmuls run in hardware here (Intel AMX or AVX512-BF16), where a bf16 SD U-Net step is
-    ~3x (AMX) or ~2x (AVX512-BF16 alone) faster than fp32 (benchmarks/cpu.md). Without them PyTorch
-    emulates bf16 and it is slower than fp32. `cpuinfo` is the text of /proc/cpuinfo, read now when not
-    given."""
-    if cpuinfo is None:
-        cpuinfo = read_cpuinfo()
-    return any(flag in cpu_flags(cpuinfo) for flag in NATIVE_BF16_FLAGS)
-
-
-def default_dtype(device: torch.device | str, cpuinfo: str | None = None) -> torch.dtype:
-    """The fast dtype that keeps image quality: fp16 on CUDA (the pipeline retries a NaN VAE decode in fp32),
-    bf16 on CPUs with native bf16 (PSNR vs fp32 in benchmarks/cpu.md), fp32 elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16(cpuinfo):
-        return torch.bfloat16
-    return torch.float32
 
 
 def prefers_channels_last(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -173,81 +131,6 @@ def fuse_projections(model: nn.Module, enable: bool) -> int:
             module.qkv = FusedLinear(layers) if enable else None
             fused += enable
     return fused
-
-
-def use_huge_pages() -> None:
-    """Back PyTorch's CPU allocations of 2 MiB and more with transparent huge pages (PyTorch's own
-    THP_MEM_ALLOC_ENABLE switch). PyTorch reads the switch at the process's first tensor allocation:
-    call this before creating any tensor (the CLI does it first thing); later it changes nothing.
-
-    Activations are allocated afresh at every sampling step, and the kernel hands them out as zeroed
-    4 KiB pages: ~450k page faults per SD 1.5 U-Net step at 256 px. With 2 MiB pages that is ~3k, and
-    the step is ~5% faster (benchmarks/cpu.md). Peak memory is unchanged. Linux only; where huge pages
-    are disabled ("never") the request is ignored."""
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults (malloc/malloc.c)
-
-
-@functools.cache
-def glibc():
-    """The C library as a ctypes handle if it is glibc (it has mallopt and malloc_trim), else None."""
-    try:
-        libc = ctypes.CDLL(None)  # the symbols the process already has
-    except (OSError, TypeError):  # TypeError: Windows wants a library name
-        return None
-    return libc if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")) else None
-
-
-@contextmanager
-def keep_freed_memory():
-    """While the block runs, freed memory stays in the process for the next allocation instead of going
-    back to the kernel; on exit it is returned (malloc_trim) and glibc's default settings are back (though,
-    as after any mallopt call, glibc no longer adapts its mmap threshold).
-
-    Why: PyTorch's CPU convolution reorders its fp32 weight into oneDNN's blocked layout in a fresh buffer
-    on every call (56-112 MiB for SD's 1280-channel layers). glibc maps blocks that large afresh and unmaps
-    them when freed, so each sampling step faults in ~1.8 GB of new pages that the kernel zeroes first
-    (464k faults per SD 1.5 step at 256 px with 4 KiB pages); the step was 10-20% slower for it. With
-    mmap off (M_MMAP_MAX 0) and no trimming, those blocks are reused from the heap: no faults. Only around
-    sampling: kept over the VAE decode as well, the peak RSS rose by ~0.25 GiB for no speed
-    (benchmarks/cpu.md). The setting is the whole process's while the block runs (glibc has one). Without
-    glibc (macOS, musl) nothing changes."""
-    libc = glibc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
-
-
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`t.to(device)` without making the host wait for the GPU: a copy from ordinary (pageable) host memory
-    synchronises with the GPU's queue (cudaStreamSynchronize), one from pinned memory is queued like a
-    kernel. The sampling loop's per-step timesteps, sigmas and noise reach the GPU this way."""
-    if t.device.type == "cpu" and torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def set_threads(threads: int | None) -> int:
-    """Intra-op threads for CPU work; None keeps PyTorch's choice (one per physical core). Fewer threads
-    than cores win when other processes keep the cores busy: an OpenMP barrier waits for its slowest,
-    descheduled thread (benchmarks/cpu.md). Returns the count in effect."""
-    if threads is not None:
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if not 1 <= threads <= (available or threads):
-            raise InputError(f"--threads {threads}: must be between 1 and the {available} CPUs this process may use")
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 def set_attention_slicing(model: nn.Module, chunk: int | None) -> int:

@@ -1,0 +1,143 @@
+"""The generation jobs of a command line: one GenerationRequest per prompt, from the flags, a prompts file's
+lines or a PNG's parameters, each knowing where its fields came from, so that an error names the flag, the
+line or the PNG that set the bad value."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import FieldError, InputError
+
+# request fields as the command line names them
+FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
+         "steps": "--steps", "sampler": "--sampler", "schedule": "--schedule", "cfg_scale": "--cfg-scale",
+         "seed": "--seed", "batch_size": "--batch-size", "n_iter": "--n-iter", "clip_skip": "--clip-skip",
+         "eta": "--eta", "strength": "--strength", "init_image": "--init-image", "resize_mode": "--resize-mode",
+         "device": "--device", "dtype": "--dtype"}
+# the per-line options of a JSON prompts file: the request's plain fields
+JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
+            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode")
+
+
+def for_the_command_line(error: Exception) -> str:
+    """A library error as the command line names things: field names become the flags that set them (or the
+    prompts-file line or PNG that did), as recorded in the error's `origin`."""
+    if not isinstance(error, FieldError):
+        return str(error)
+    origin = getattr(error, "origin", {}).get(error.field) or FLAGS.get(error.field, error.field)
+    return f"{origin} {error.problem}"
+
+
+class Job:
+    """One request to run, where each of its fields came from (for messages), and in batch mode the stem of
+    its files, made from its content so that a rerun of an edited prompts file finds what is already done."""
+
+    def __init__(self, request, origin: dict[str, str], stem: str | None = None):
+        self.request, self.origin, self.stem = request, origin, stem
+
+    def check(self, fn, *args, **kwargs):
+        """fn(...) with a FieldError told where its field came from."""
+        try:
+            return fn(*args, **kwargs)
+        except FieldError as e:
+            e.origin = self.origin
+            raise
+
+
+def _flags(args) -> dict:
+    """The request fields given as flags (left-out flags are absent: see _add_generation_flags)."""
+    fields = {name: getattr(args, name) for name in FLAGS if hasattr(args, name) and name not in ("device", "dtype")}
+    if getattr(args, "init_image", None) is None:
+        fields.pop("init_image", None)
+    return fields
+
+
+def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
+    """The jobs of a command line: one per prompts-file line in batch mode, else one from the flags and
+    (with --from-png) the PNG's parameters. Each is validated here, before any model loads. Also returns
+    notes for the user (what a replayed PNG holds that cannot be honoured)."""
+    from .request import FIELD_NAMES, GenerationRequest
+    flags = _flags(args)
+    base, origin, notes = {}, {name: FLAGS[name] for name in flags}, []
+    if args.from_png:
+        base, unhonoured = _png_fields(args.from_png, mode)
+        if unhonoured:
+            notes.append(f"--from-png: not replayed (latentdiff cannot honour them): {', '.join(unhonoured)}")
+        origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin
+    if mode == "img2img" and "init_image" not in flags:
+        raise InputError("img2img needs --init-image IMAGE: the picture to start from")
+    if not args.prompts_file:
+        if "prompt" not in flags and "prompt" not in base:
+            raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
+        job = Job(GenerationRequest(**(base | flags)), origin)
+        job.check(job.request.validate)
+        return _load_init_images([job]), notes
+    jobs, seen = [], {}
+    for n, line_fields in _prompts_file(Path(args.prompts_file)):
+        where = f"--prompts-file {args.prompts_file}:{n}:"
+        fields = base | flags | line_fields
+        line_origin = origin | {name: f"{where} {name}" for name in line_fields}
+        unknown = set(fields) - set(FIELD_NAMES)
+        assert not unknown, unknown  # _prompts_file admits JOB_KEYS only
+        content = json.dumps({k: str(v) for k, v in sorted(fields.items())}, ensure_ascii=False)
+        seen[content] = seen.get(content, -1) + 1  # identical lines are separate jobs
+        key = hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:12]
+        job = Job(GenerationRequest(**fields), line_origin, stem=key)
+        job.check(job.request.validate)
+        jobs.append(job)
+    return _load_init_images(jobs), notes
+
+
+def _load_init_images(jobs: list[Job]) -> list[Job]:
+    """Each init image read once, now: a bad file fails before the model loads."""
+    from .images import load_image
+    loaded = {}
+    for job in jobs:
+        path = job.request.init_image
+        if path is not None:
+            loaded[path] = loaded.get(path) or load_image(path)
+            job.request = job.request.replace(init_image=loaded[path])
+    return jobs
+
+
+def _prompts_file(path: Path):
+    """(line number, fields) for each prompt of a prompts file: plain lines are prompts, JSON lines hold
+    request fields (JOB_KEYS); blank lines and # comments are skipped."""
+    if not path.is_file():
+        raise InputError(f"--prompts-file {path}: no such file")
+    found = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("{"):
+            found.append((n, {"prompt": line}))
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--prompts-file {path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(fields, dict):
+            raise InputError(f"--prompts-file {path}:{n}: a JSON line must be an object of options")
+        unknown = sorted(set(fields) - set(JOB_KEYS))
+        if unknown or "prompt" not in fields:
+            raise InputError(f"--prompts-file {path}:{n}: needs a 'prompt'; allowed keys {list(JOB_KEYS)}, "
+                             f"unknown {unknown}")
+        found.append((n, fields))
+    if not found:
+        raise InputError(f"--prompts-file {path}: no prompts in it")
+    return found
+
+
+def _png_fields(path: str, mode: str) -> tuple[dict, list[str]]:
+    """The request fields a PNG's parameters give, for a replay, and the keys it cannot honour."""
+    from .infotext import parse_parameters, read_png_parameters, to_fields
+    try:
+        fields, unhonoured = to_fields(parse_parameters(read_png_parameters(path)))
+    except InputError as e:
+        raise InputError(f"--from-png {path}: {e}") from None
+    if "strength" in fields and mode == "txt2img":
+        raise InputError(f"--from-png {path}: this image was made by img2img (Denoising strength "
+                         f"{fields['strength']:g}); replay it with `latentdiff img2img --from-png {path} "
+                         f"--init-image IMAGE`, giving the image it started from")
+    return fields, unhonoured
