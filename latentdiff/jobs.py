@@ -56,7 +56,7 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
     """The jobs of a command line: one per prompts-file line in batch mode, else one from the flags and
     (with --from-png) the PNG's parameters. Each is validated here, before any model loads. Also returns
     notes for the user (what a replayed PNG holds that cannot be honoured)."""
-    from .request import FIELD_NAMES, GenerationRequest
+    from .request import GenerationRequest
     flags = _flags(args)
     base, origin, notes = {}, {name: FLAGS[name] for name in flags}, []
     if args.from_png:
@@ -77,8 +77,6 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
         where = f"--prompts-file {args.prompts_file}:{n}:"
         fields = base | flags | line_fields
         line_origin = origin | {name: f"{where} {name}" for name in line_fields}
-        unknown = set(fields) - set(FIELD_NAMES)
-        assert not unknown, unknown  # _prompts_file admits JOB_KEYS only
         content = json.dumps({k: str(v) for k, v in sorted(fields.items())}, ensure_ascii=False)
         seen[content] = seen.get(content, -1) + 1  # identical lines are separate jobs
         key = hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:12]

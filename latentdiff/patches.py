@@ -3,10 +3,10 @@ and put back bit for bit.
 
 A patch is a delta added to the parameter, or a function of the parameter returning its new value. Values
 are written into the parameters themselves (`copy_` under no_grad), never by rebinding them, so whatever
-holds a parameter or a view of it sees the change: the fused q/k/v projections (fastpaths.FusedLinear,
+holds a parameter or a view of it sees the change: the fused q/k/v projections (speedups.FusedLinear,
 whose layers' weights are views into one concatenated tensor) read the written values directly, and the
-pre-packed convolutions (fastpaths.PackedConv2d) repack because the weight's version counter moved
-(fastpaths.weight_source). The originals are kept as copies, so restoring is exact, not a subtraction.
+pre-packed convolutions (speedups.PackedConv2d) repack because the weight's version counter moved
+(speedups.weight_source). The originals are kept as copies, so restoring is exact, not a subtraction.
 """
 
 import difflib

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, memory, speedups
+from . import __version__, speedups
 from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser
 from .devices import DTYPE_NAMES, check_device, default_dtype, parse_dtype, to_device
@@ -19,6 +19,7 @@ from .errors import FieldError, GenerationError, InputError, UnsupportedModelErr
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields
 from .loader import load_model, model_hash
+from .memory import keep_freed_memory
 from .model import StableDiffusion
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
@@ -290,7 +291,7 @@ class Pipeline:
         if spec.noise == "brownian":  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
-        with memory.keep_freed_memory() if keep else nullcontext():
+        with keep_freed_memory() if keep else nullcontext():
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
         # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from latentdiff import fastpaths
+from latentdiff import speedups
 from latentdiff.config import UNetConfig
 from latentdiff.errors import InputError, LatentDiffError
 from latentdiff.patches import apply_patches
@@ -31,7 +31,7 @@ def inputs():
 
 
 def fast(model: UNet) -> UNet:
-    assert fastpaths.prepack_convolutions(model, True) > 0 and fastpaths.fuse_projections(model, True) > 0
+    assert speedups.prepack_convolutions(model, True) > 0 and speedups.fuse_projections(model, True) > 0
     return model
 
 
@@ -66,7 +66,7 @@ def test_patches_reach_packed_and_fused_copies_and_restore_bit_for_bit():
     handle = apply_patches(model, patches)
     patched = run(model)
     assert torch.equal(patched, run(fast_merged))  # the same fast paths over the merged weights
-    # eager against packed fp32 convolutions may differ in the last bit (fastpaths.PackedConv2d)
+    # eager against packed fp32 convolutions may differ in the last bit (speedups.PackedConv2d)
     assert (patched - run(merged)).abs().max() <= 1e-5
     assert (patched - before).abs().max() > 0.01  # the patches changed the output
     handle.restore()
