@@ -60,6 +60,16 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA if there is one, else the CPU) and the fast dtype for it that keeps image quality:
+    fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (default_dtype). Given ones are
+    checked: a device this machine has, a dtype by name or torch dtype."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
+    return device, default_dtype(device) if dtype is None else parse_dtype(dtype)
+
+
 def check_device(device) -> torch.device:
     """`device` as a torch.device that this machine has; FieldError("device") otherwise."""
     try:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import __version__, speedups
 from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser
-from .devices import DTYPE_NAMES, check_device, default_dtype, parse_dtype, to_device
+from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields
@@ -42,13 +42,6 @@ class Result:
 
 
 RUN_OPTIONS = ("callback", "progress", "return_latents", "noise_device")
-
-
-def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """The device (CUDA if there is one, else the CPU) and the fast dtype for it that keeps image quality:
-    fp16 on CUDA, bf16 on CPUs with native bf16 matmuls, fp32 elsewhere (devices.default_dtype)."""
-    device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, parse_dtype(dtype) if dtype is not None else default_dtype(device)
 
 
 class Pipeline:

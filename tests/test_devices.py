@@ -38,4 +38,4 @@ def test_pipeline_dtype_and_layout_follow_the_cpu_flags(monkeypatch):
     plain = pipeline.Pipeline(tiny_model(SD1), device="cpu")
     assert plain.dtype == torch.float32 and plain.model.dtype == torch.float32 and not channels_last(plain)
     assert "forward" not in plain.model.unet.input_blocks[0][0].__dict__
-    assert pipeline.default_device_dtype("cpu", torch.float16) == (torch.device("cpu"), torch.float16)  # explicit wins
+    assert devices.default_device_dtype("cpu", torch.float16) == (torch.device("cpu"), torch.float16)  # explicit wins
