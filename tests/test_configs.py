@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from latentdiff.config import preset, preset_names
+from latentdiff.errors import InputError
 from latentdiff.infotext import parse_parameters, to_fields
 from latentdiff.sampling import sampler_spec
+from latentdiff.train.recipe import Recipe, overrides_from_file, with_overrides
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRANSFORMERS_VERBOSITY": "error"}
@@ -49,3 +52,20 @@ def test_example_prompts_file_runs_with_the_demo_model(tmp_path):
         assert fields["negative_prompt"] == job.get("negative_prompt", ""), key
         spec, schedule = sampler_spec(job.get("sampler", "Euler a"))
         assert (fields["sampler"], fields["schedule"]) == (spec.name, schedule), key
+
+
+def test_example_training_recipe_sets_every_field_it_names(tmp_path):
+    """configs/train-quick.json, as `python -m latentdiff.train --recipe` reads it: each value lands in its field."""
+    example = CONFIGS / "train-quick.json"
+    recipe = with_overrides(Recipe(), overrides_from_file(example))
+    for key, value in json.loads(example.read_text()).items():
+        owner, _, name = key.rpartition(".")
+        got = getattr(getattr(recipe, owner) if owner else recipe, name)
+        assert got == (tuple(value) if isinstance(value, list) else value), key
+    assert recipe != Recipe()
+    (tmp_path / "bad.json").write_text('["unet.steps", 3]')
+    with pytest.raises(InputError, match="must be a JSON object"):
+        overrides_from_file(tmp_path / "bad.json")
+    (tmp_path / "unknown.json").write_text('{"unet.stepz": 3}')
+    with pytest.raises(InputError, match="unknown field 'unet.stepz'"):
+        with_overrides(Recipe(), overrides_from_file(tmp_path / "unknown.json"))

@@ -15,7 +15,7 @@ from accelerate import PartialState
 
 from ..config import config_from_dict, preset
 from ..errors import InputError, LatentDiffError
-from .recipe import Recipe, train, with_overrides
+from .recipe import Recipe, overrides_from_file, train, with_overrides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", default="demo", help="model architecture preset (configs/presets/NAME.json)")
     model.add_argument("--config", type=Path, help="model architecture as a JSON file with ModelConfig keys")
+    parser.add_argument("--recipe", type=Path, help="recipe overrides as a JSON file of FIELD: value, e.g. "
+                                                    "configs/train-quick.json (--set applies after it)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                         help="recipe overrides, e.g. unet.steps=3000 vae.batch_size=16 seed=1 (see recipe.Recipe)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_dict(json.loads(args.config.read_text()), where=str(args.config))
         else:
             config = preset(args.preset)
-        recipe = with_overrides(Recipe(), args.overrides)
+        from_file = overrides_from_file(args.recipe) if args.recipe else []
+        recipe = with_overrides(Recipe(), from_file + args.overrides)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         path = train(args.out, config, recipe, resume=args.resume, mixed_precision=args.mixed_precision,

@@ -100,6 +100,19 @@ def with_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
     return recipe
 
 
+def overrides_from_file(path: str | Path) -> list[str]:
+    """A recipe file, a JSON object of overrides ({"unet.steps": 3000, "sample_prompts": ["a", "b"]}), as
+    with_overrides' assignments (lists become its "|"-separated tuples)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--recipe {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--recipe {path}: must be a JSON object of FIELD: value, e.g. {{\"unet.steps\": 3000}}")
+    return [f"{key}={'|'.join(map(str, value)) if isinstance(value, list) else value}" for key, value in data.items()]
+
+
 def vae_stage(vae: AutoencoderKL, recipe: Recipe, image_size: int) -> Stage:
     """The recipe's autoencoder stage for a freshly built `vae`, its posterior std set as the recipe says."""
     init_posterior_std(vae, recipe.initial_posterior_std)
