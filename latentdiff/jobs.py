@@ -8,12 +8,13 @@ from pathlib import Path
 
 from .errors import FieldError, InputError
 
-# request fields as the command line names them
+# request fields and pipeline options as the command line names them
 FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
          "steps": "--steps", "sampler": "--sampler", "schedule": "--schedule", "cfg_scale": "--cfg-scale",
          "seed": "--seed", "batch_size": "--batch-size", "n_iter": "--n-iter", "clip_skip": "--clip-skip",
          "eta": "--eta", "strength": "--strength", "init_image": "--init-image", "resize_mode": "--resize-mode",
-         "device": "--device", "dtype": "--dtype"}
+         "device": "--device", "dtype": "--dtype", "threads": "--threads", "attention_slice": "--attention-slice",
+         "vae_tiling": "--vae-tiling", "offload": "--offload"}
 # the per-line options of a JSON prompts file: the request's plain fields
 JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
             "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode")
@@ -46,7 +47,8 @@ class Job:
 
 def _flags(args) -> dict:
     """The request fields given as flags (left-out flags are absent: see _add_generation_flags)."""
-    fields = {name: getattr(args, name) for name in FLAGS if hasattr(args, name) and name not in ("device", "dtype")}
+    from .request import FIELD_NAMES
+    fields = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
     if getattr(args, "init_image", None) is None:
         fields.pop("init_image", None)
     return fields

@@ -87,9 +87,9 @@ class Pipeline:
         device = check_device(device) if device is not None else self.model.device
         dtype = parse_dtype(dtype) if dtype is not None else None
         if self.offload and device.type != "cuda":
-            raise InputError(f"--offload keeps the text encoder and VAE in CPU memory between their runs on a "
-                             f"CUDA GPU; this pipeline runs on {device}, where it would save nothing: leave "
-                             f"--offload out (or use --device cuda)")
+            raise FieldError("offload", f"keeps the text encoder and VAE in CPU memory between their runs on a "
+                                        f"CUDA GPU; this pipeline runs on {device}, where it would save nothing: "
+                                        f"leave it out (or run on cuda)")
         self.device, self.dtype = device, dtype or self.model.dtype
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
         cpu_bf16_layout = speedups.prefers_channels_last(self.device, self.dtype)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, LatentDiffError
+from .errors import FieldError, LatentDiffError
 
 log = logging.getLogger("latentdiff")
 
@@ -137,7 +137,7 @@ def set_attention_slicing(model: nn.Module, chunk: int | None) -> int:
     """Sliced attention (query blocks of `chunk` tokens; None: off) in every attention layer of `model` that
     supports it (U-Net and VAE). Returns how many layers were set."""
     if chunk is not None and chunk < 1:
-        raise InputError(f"--attention-slice {chunk}: must be a positive number of query tokens (e.g. 1024)")
+        raise FieldError("attention_slice", f"{chunk}: must be a positive number of query tokens (e.g. 1024)")
     layers = [m for m in model.modules() if hasattr(m, "chunk")]
     for layer in layers:
         layer.chunk = chunk

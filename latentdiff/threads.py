@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import FieldError
 
 SAMPLES, SAMPLE_GAP_S = 8, 0.0002  # procs_running readings: a busy loop is in every one, a burst in some
 WINDOW_S = 0.05  # /proc/stat counts in 10 ms ticks: 5 ticks per CPU tell a busy core from an idle one
@@ -39,7 +39,7 @@ def usable_cpus() -> set[int]:
 def check_threads(threads: int) -> int:
     available = len(usable_cpus())
     if not 1 <= threads <= available:
-        raise InputError(f"--threads {threads}: must be between 1 and the {available} CPUs this process may use")
+        raise FieldError("threads", f"{threads}: must be between 1 and the {available} CPUs this process may use")
     return threads
 
 

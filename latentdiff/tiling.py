@@ -16,7 +16,7 @@ Tiles are laid out on the latent grid in both directions, so tile and overlap co
 
 import torch
 
-from .errors import InputError
+from .errors import FieldError, InputError
 from .vae import AutoencoderKL, DiagonalGaussian
 
 DEFAULT_TILE, DEFAULT_OVERLAP = 64, 32  # latent pixels: 512 px tiles overlapping by 256 px
@@ -26,7 +26,7 @@ TILING_MODES = ("auto", "on", "off")
 
 def check_tiling_mode(mode: str) -> str:
     if mode not in TILING_MODES:
-        raise InputError(f"--vae-tiling {mode!r}: choose one of {', '.join(TILING_MODES)}")
+        raise FieldError("vae_tiling", f"{mode!r}: choose one of {', '.join(TILING_MODES)}")
     return mode
 
 
