@@ -16,7 +16,6 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 UNET, VAE, TEXT = (ORIGINAL_PREFIXES[part] for part in ("unet", "vae", "text"))
 CLIP_TEXT, OPENCLIP_TEXT = TEXT + "transformer.", TEXT + "model."
 
-# U-Net input channels beyond the 4 latent ones, and what the extra ones carry.
 # Model families and variants recognised by key prefixes only they have.
 _OTHER_MODELS = [
     (("double_blocks.", "single_blocks.", UNET + "double_blocks.", UNET + "single_blocks."),
