@@ -21,6 +21,9 @@ class Parser(argparse.ArgumentParser):
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder (default: the "
                                    "bundled demo model)")
+    p.add_argument("--vae", help="a VAE to use instead of the model's own: a VAE file (.safetensors/.pt/.ckpt, e.g. "
+                                 "vae-ft-mse-840000-ema-pruned.safetensors), a whole checkpoint (its VAE) or a "
+                                 "diffusers AutoencoderKL folder")
     p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
@@ -154,7 +157,9 @@ def _pipeline(args, device=None):
     set_threads(args.threads)
     if args.model and not Path(args.model).expanduser().exists():
         raise InputError(f"model not found: {args.model} (pass --model PATH)")
-    return Pipeline.from_pretrained(args.model, config=args.config, prediction=args.prediction,
+    if args.vae and not Path(args.vae).expanduser().exists():
+        raise InputError(f"VAE not found: {args.vae} (pass --vae PATH)")
+    return Pipeline.from_pretrained(args.model, config=args.config, prediction=args.prediction, vae=args.vae,
                                     device=args.device or device, dtype=args.dtype,
                                     vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
                                     compile=args.compile, offload=args.offload, threads=args.threads)

@@ -1,19 +1,24 @@
 """Load a model from whatever the user has: a single file, a diffusers folder, or a preset + weights."""
 
+import dataclasses
 import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import ORIGINAL_PREFIXES, read_state_dict, split_prefixed
+from .checkpoint import ORIGINAL_PREFIXES, load_strict, read_state_dict, split_prefixed
 from .config import ModelConfig, preset
 from .errors import CheckpointError
-from .formats.diffusers_folder import (is_diffusers_folder, read_diffusers_folder, weights_file,
+from .formats.diffusers_folder import (WEIGHT_FILES, is_diffusers_folder, read_diffusers_folder, weights_file,
                                        write_diffusers_folder)
 from .formats.single_file import read_single_file, write_single_file
+from .formats.vae_keys import detect_vae_config, vae_config_from_diffusers, vae_from_diffusers
 from .model import StableDiffusion
 
+log = logging.getLogger("latentdiff")
 COMPONENTS = {"unet": "unet", "vae": "vae", "text_encoder": "text"}  # model part -> ORIGINAL_PREFIXES name
 
 
@@ -110,3 +115,69 @@ def model_hash(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()[:10]
+
+
+def swap_vae(model: StableDiffusion, source: str | Path) -> Path:
+    """Replace the model's VAE weights with those of `source`, in place; returns the weights file read (its
+    hash goes into the infotext). `source`: a standalone VAE file in the original layout (bare
+    `encoder.*`/`decoder.*` keys or `first_stage_model.*`; .safetensors or a .pt/.ckpt pickle, read safely),
+    a whole single-file checkpoint (its VAE is taken, as A1111 users expect of "that model's VAE"), the same
+    keys in diffusers' layout, or a diffusers AutoencoderKL folder (config.json + weights) or whole model
+    folder (its vae/). The VAE must have the model's architecture; every tensor comes from the file (extra
+    keys, e.g. `model_ema.*`, are ignored with a log line)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"vae: {path} does not exist; pass a VAE file or a diffusers AutoencoderKL folder")
+    weights, sd = _read_vae(path, model.config)
+    if not any(k.startswith(("encoder.", "decoder.")) for k in sd):
+        raise CheckpointError(f"{weights}: not a VAE: no {ORIGINAL_PREFIXES['vae']}*, encoder.* or decoder.* keys "
+                              f"(its keys look like {next(iter(sd), 'nothing')!r}); pass a VAE file or a diffusers "
+                              f"AutoencoderKL folder")
+    found, wanted = detect_vae_config(sd, where=str(weights)), model.config.vae
+    if found != wanted:
+        differences = ", ".join(f"{f.name} {getattr(found, f.name)} (the model's: {getattr(wanted, f.name)})"
+                                for f in dataclasses.fields(wanted) if getattr(found, f.name) != getattr(wanted, f.name))
+        raise CheckpointError(f"{weights}: this VAE does not fit the model: {differences}; pass a VAE made for "
+                              f"this model's family")
+    load_strict(model.vae, sd, where=str(weights))
+    return weights
+
+
+def _read_vae(path: Path, config: ModelConfig) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the weights file, its VAE tensors under our keys plus its keys of no other part, for load_strict to name)."""
+    if is_diffusers_folder(path):
+        path = path / "vae"
+    if path.is_dir():
+        json_file = path / "config.json"
+        weights = next((path / name for name in WEIGHT_FILES["vae"] if (path / name).is_file()), None)
+        if not json_file.is_file() or weights is None:
+            raise CheckpointError(f"{path}: a folder, but not a diffusers AutoencoderKL folder (config.json and "
+                                  f"one of {', '.join(WEIGHT_FILES['vae'])}); pass a VAE file or such a folder")
+        try:
+            folder_config = json.loads(json_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{json_file}: not valid JSON ({e})") from None
+        scale = folder_config.get("scaling_factor", config.latent_scale)
+        if abs(scale - config.latent_scale) > 1e-6:  # e.g. SDXL's VAE: the same shapes, another latent space
+            log.warning("%s: scaling_factor %s is not the model's latent scale %s; the model's is used, but a VAE "
+                        "trained for another family gives wrong colours", json_file, scale, config.latent_scale)
+        cfg = vae_config_from_diffusers(folder_config, where=str(json_file))
+        return weights, vae_from_diffusers(read_state_dict(weights), cfg, where=str(weights))
+    sd = read_state_dict(path)
+    if any(k.startswith(ORIGINAL_PREFIXES["vae"]) for k in sd):
+        parts = split_prefixed(sd, ORIGINAL_PREFIXES)
+        if parts["unet"] or parts["text"]:
+            log.info("%s: a whole checkpoint; taking its VAE (%s*)", path, ORIGINAL_PREFIXES["vae"])
+        return path, parts["vae"] | parts["unused"]
+    if any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")) for k in sd):
+        return path, vae_from_diffusers(sd, config.vae, where=str(path))  # diffusers' keys, no config: the model's
+    return path, sd
+
+
+def vae_name(weights: str | Path) -> str:
+    """The VAE's name as A1111 writes it in the infotext: its file name (a folder's name for diffusers weights)."""
+    weights = Path(weights)
+    if not weights.name.startswith("diffusion_pytorch_model"):
+        return weights.name
+    folder = weights.parent
+    return folder.parent.name if folder.name == "vae" and is_diffusers_folder(folder.parent) else folder.name

@@ -18,7 +18,7 @@ from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtyp
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields
-from .loader import load_model, model_hash
+from .loader import load_model, model_hash, swap_vae, vae_name
 from .memory import keep_freed_memory
 from .model import StableDiffusion
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
@@ -57,8 +57,10 @@ class Pipeline:
 
     def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None,
                  vae_tiling: str = "auto", attention_slice: int | None = None, compile: bool = False,
-                 offload: bool = False, keep_freed_memory: bool = True, threads: int | None = None):
+                 offload: bool = False, keep_freed_memory: bool = True, threads: int | None = None,
+                 vae_source: str | Path | None = None):
         self.model = model
+        self.vae_source = Path(vae_source) if vae_source else None  # a VAE file swapped in (loader.swap_vae)
         self.threads = threads if threads is None else check_threads(threads)
         self.keep_freed_memory = keep_freed_memory
         self.source = Path(source) if source else None
@@ -70,14 +72,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | Path | None = None, *, config=None, prediction: str | None = None,
-                        device=None, dtype=None, **options) -> "Pipeline":
+                        device=None, dtype=None, vae: str | Path | None = None, **options) -> "Pipeline":
         """A single-file checkpoint or a diffusers folder; `config` is a preset name (e.g. "sd2-v") or a
-        ModelConfig for single files whose architecture should not be detected. `options`: see the class.
+        ModelConfig for single files whose architecture should not be detected. `vae`: a VAE file or folder
+        to use instead of the model's own (loader.swap_vae). `options`: see the class.
         Without a source: the bundled demo model."""
         source = demo_model() if source is None else source
         device, dtype = default_device_dtype(device, dtype)
         model = load_model(source, config=config, prediction=prediction, dtype=dtype)
-        return cls(model, device=device, dtype=dtype, source=source, **options)
+        vae_source = swap_vae(model, vae) if vae is not None else None
+        return cls(model, device=device, dtype=dtype, source=source, vae_source=vae_source, **options)
 
     def to(self, *args, device=None, dtype=None) -> "Pipeline":
         """Like nn.Module.to: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cpu", "bf16")`."""
@@ -241,14 +245,20 @@ class Pipeline:
                       seed=request.seed + index, width=request.width, height=request.height,
                       clip_skip=request.clip_skip, eta=request.eta,
                       strength=request.strength if request.init_image is not None else None)
+        vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         return from_fields(fields, {"Model hash": self.model_hash,
                                     "Model": self.source.stem if self.source else self.config.name,
-                                    "Version": f"latentdiff {__version__}"})
+                                    **vae, "Version": f"latentdiff {__version__}"})
 
     @functools.cached_property
     def model_hash(self) -> str | None:
         """A1111's short hash of the model file (read once: hashing a 4 GB file takes seconds)."""
         return model_hash(self.source) if self.source else None
+
+    @functools.cached_property
+    def vae_hash(self) -> str | None:
+        """The same short hash of the swapped-in VAE's file."""
+        return model_hash(self.vae_source) if self.vae_source else None
 
     def _sample(self, request: GenerationRequest, seeds: list[int], callback, progress, noise_device):
         spec, schedule = request.sampler_spec

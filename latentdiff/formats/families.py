@@ -87,7 +87,7 @@ def _partial(keys: list[str], has) -> str:
     if has("encoder.", "decoder.") and has("quant_conv.", "post_quant_conv."):
         layout = "diffusers layout" if any(".down_blocks." in k for k in keys) else "original layout"
         return ("this is a standalone VAE (" + layout + "), not a whole model; pass a whole model checkpoint "
-                "(swapping in a separate VAE is not supported yet)")
+                "and this file as its VAE (--vae, or Pipeline.from_pretrained(..., vae=...))")
     if has("input_blocks.", "conv_in.", "down_blocks."):
         return ("this is a standalone U-Net, not a whole model; pass a whole single file, or the whole diffusers "
                 "folder this file belongs to")
