@@ -124,7 +124,8 @@ def swap_vae(model: StableDiffusion, source: str | Path) -> Path:
     a whole single-file checkpoint (its VAE is taken, as A1111 users expect of "that model's VAE"), the same
     keys in diffusers' layout, or a diffusers AutoencoderKL folder (config.json + weights) or whole model
     folder (its vae/). The VAE must have the model's architecture; every tensor comes from the file (extra
-    keys, e.g. `model_ema.*`, are ignored with a log line)."""
+    keys, e.g. `model_ema.*`, are ignored with a log line). Swap before building a Pipeline on the model: the
+    Pipeline packs weights for its device."""
     path = Path(source).expanduser()
     if not path.exists():
         raise CheckpointError(f"vae: {path} does not exist; pass a VAE file or a diffusers AutoencoderKL folder")
