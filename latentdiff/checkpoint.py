@@ -163,7 +163,27 @@ def _read_safetensors_meta(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_torch_object(path):
+    """The whole object a PyTorch pickle holds (nested dicts and lists of tensors, numbers, strings), read
+    with the same code-free reader and refusals as read_state_dict, for files whose tensors are nested
+    (A1111 embeddings keep theirs under "string_to_param")."""
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == "safetensors":
+        raise CheckpointError(f"{path}: is a safetensors file, not a PyTorch pickle; read it with read_state_dict")
+    return _load_torch(path, kind)
+
+
 def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    obj = _load_torch(path, kind)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_torch(path: Path, kind: str):
     try:
         with warnings.catch_warnings():  # torch warns on every pickle protocol but 2; the outcome says enough
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -190,11 +210,7 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
         reason = re.split(r"\.\s|\n", text)[0] or type(e).__name__  # torch's first sentence says it
         raise CheckpointError(f"{path}: cannot read this PyTorch checkpoint: the file is damaged, "
                               f"truncated or not written by torch.save ({reason}); download it again") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return obj
 
 
 def _first_unsafe_global(path: Path, kind: str) -> str | None:
