@@ -48,6 +48,16 @@ def test_a1111_pt_reads_back_equal(tmp_path, n):
     assert torch.equal(e.vectors, want) and e.width == 768
 
 
+def test_original_textual_inversion_parameterdict_reads_back_equal(tmp_path):
+    """rinongal/textual_inversion saved its EmbeddingManager's ParameterDict; weights_only refuses that class
+    unless allowed, and allowing it must not let a code-calling pickle through (see the refusal test)."""
+    want = vectors(2, seed=4)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(want.clone())})
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params}, tmp_path / "old.pt")
+    e = read_embedding(tmp_path / "old.pt")
+    assert e.source_format == "a1111" and torch.equal(e.vectors, want)
+
+
 def test_emb_params_safetensors_and_pt_read_back_equal(tmp_path):
     want = vectors(3, 1024, seed=1)
     save_file({"emb_params": want.half()}, tmp_path / "kohya.safetensors")
@@ -105,7 +115,8 @@ class Payload:
 def test_code_calling_pickle_is_refused_and_never_runs(tmp_path, zip_format):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    evil = {"string_to_param": {"*": torch.ones(1, 768)}, "x": Payload(os.system, (f"touch '{marker}'",))}
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.ones(1, 768))})  # the allowed class beside it
+    evil = {"string_to_param": params, "x": Payload(os.system, (f"touch '{marker}'",))}
     torch.save(evil, path, _use_new_zipfile_serialization=zip_format)
     one_line_error(path, "refused", "system")
     assert not marker.exists()

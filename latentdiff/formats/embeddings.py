@@ -1,7 +1,8 @@
 """Textual-inversion embeddings: every file format in circulation read into one record.
 
 Formats (a file's content decides, not its extension):
-- A1111 `.pt`: {"string_to_param": {"*": (n, width)}, "string_to_token": ..., "name", "step", ...}
+- A1111 `.pt`: {"string_to_param": {"*": (n, width)}, "string_to_token": ..., "name", "step", ...}, and
+  the original textual_inversion repository's files, whose string_to_param is a torch.nn.ParameterDict
 - one tensor alone: kohya and others ({"emb_params": (n, width)}, .pt or .safetensors) and diffusers'
   learned_embeds.bin / .safetensors ({"<token>": (width,) or (n, width)})
 - SDXL files ({"clip_l": ..., "clip_g": ...}) are refused: latentdiff runs SD 1.x and 2.x models.
@@ -52,11 +53,12 @@ def read_embedding(path) -> Embedding:
         _refuse_non_embedding(path, shapes)
         data = read_state_dict(path)
     else:
-        data = read_torch_object(path)
+        # the original textual_inversion code (and early A1111) pickled a ParameterDict: plain data
+        data = read_torch_object(path, allow=(torch.nn.ParameterDict,))
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: holds a {type(data).__name__}, not an embedding (a dict of vectors)")
     if "string_to_param" in data:
-        params = data["string_to_param"]
+        params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])  # a ParameterDict's
         if not isinstance(params, dict) or len(params) != 1:
             count = len(params) if isinstance(params, dict) else type(params).__name__
             raise CheckpointError(f"{path}: its string_to_param holds {count} entries, not one embedding; "
@@ -115,9 +117,10 @@ def load_embeddings_dir(path, text: TextEncoderConfig | None = None) -> dict[str
 
 def a1111_hash(path) -> str:
     """A1111's short hash of an embedding, as its `TI hashes` infotext entry shows it: the first 12 hex
-    digits of the SHA-256 of the whole file. Followed from A1111's behaviour as we know it (it hashes the
-    file under the cache key "textual_inversion/<name>" and keeps hash[0:12] as the "shorthash"); fairly
-    sure (not checked against an A1111 install here). Unlike LoRA's hash, no safetensors header is skipped."""
+    digits of the SHA-256 of the whole file. Checked against A1111's source (read for the fact, not copied):
+    its embedding loader hashes the whole file (cache key "textual_inversion/<name>", no "addnet" variant,
+    unlike LoRA's, which skips a safetensors header) and its "shorthash" is hash[0:12]. Not run against an
+    A1111 install here; the value is computed, not tested against an A1111-written image."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -127,7 +130,7 @@ def a1111_hash(path) -> str:
 
 def ti_hashes(embeddings) -> str:
     """The `TI hashes` infotext value for the embeddings a prompt used: "name: hash, name: hash", names
-    stripped of ":" and "," as A1111 writes them."""
+    stripped of ":" and "," as A1111 writes them (the infotext writer quotes the value, as it holds both)."""
     return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in embeddings)
 
 
