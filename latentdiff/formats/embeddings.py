@@ -104,7 +104,7 @@ def load_embeddings_dir(path, text: TextEncoderConfig | None = None) -> dict[str
             embedding = read_embedding(file)
             if text is not None:
                 check_width(embedding, text)
-        except (CheckpointError, InputError) as e:
+        except (CheckpointError, InputError, OSError) as e:  # OSError: unreadable (permissions, gone meanwhile)
             log.warning("skipped embedding: %s", e)
             continue
         if embedding.name in found:
