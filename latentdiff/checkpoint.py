@@ -163,18 +163,40 @@ def _read_safetensors_meta(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_torch_object(path, *, allow: tuple[type, ...] = ()):
+    """The whole object a PyTorch pickle holds (nested dicts and lists of tensors, numbers, strings), read
+    with the same code-free reader and refusals as read_state_dict, for files whose tensors are nested
+    (A1111 embeddings keep theirs under "string_to_param"). `allow`: classes the caller knows to be plain
+    data containers, rebuilt without running any of their code but __setstate__ (torch.nn.ParameterDict)."""
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == "safetensors":
+        raise CheckpointError(f"{path}: is a safetensors file, not a PyTorch pickle; read it with read_state_dict")
+    return _load_torch(path, kind, allow)
+
+
 def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    obj = _load_torch(path, kind)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_torch(path: Path, kind: str, allow: tuple[type, ...] = ()):
     try:
         with warnings.catch_warnings():  # torch warns on every pickle protocol but 2; the outcome says enough
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             # mmap only works for the zip format; weights_only refuses every non-tensor global.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
+            with torch.serialization.safe_globals(list(allow)):  # restores torch's list on the way out
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
     except Exception as e:  # torch raises a zoo of types (RuntimeError, EOFError, struct.error, ...)
         text = _plain(e)
         if isinstance(e, pickle.UnpicklingError):
             named = re.search(r"GLOBAL (\S+?)(?:\s|$)", text)
             # torch names the global only where its reader gets that far: not past a protocol 4+ FRAME
-            forbidden = named.group(1) if named else _first_unsafe_global(path, kind)
+            forbidden = named.group(1) if named else _first_unsafe_global(path, kind, allow)
             if forbidden:
                 raise CheckpointError(
                     f"{path}: refused to load: this pickle calls {forbidden}, not just tensor "
@@ -190,21 +212,17 @@ def _read_torch(path: Path, kind: str) -> dict[str, torch.Tensor]:
         reason = re.split(r"\.\s|\n", text)[0] or type(e).__name__  # torch's first sentence says it
         raise CheckpointError(f"{path}: cannot read this PyTorch checkpoint: the file is damaged, "
                               f"truncated or not written by torch.save ({reason}); download it again") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return obj
 
 
-def _first_unsafe_global(path: Path, kind: str) -> str | None:
+def _first_unsafe_global(path: Path, kind: str, allow: tuple[type, ...] = ()) -> str | None:
     """The first "module.name" the file's pickles would call that torch's weights-only reader does not allow,
     found by reading their opcodes: nothing is unpickled. None if there is none or the file is unreadable."""
     try:
         from torch._weights_only_unpickler import _get_allowed_globals  # private: the exact list torch allows
     except ImportError:
         return None
-    allowed = set(_get_allowed_globals())
+    allowed = set(_get_allowed_globals()) | {f"{c.__module__}.{c.__qualname__}" for c in allow}
     try:
         if kind == "torch-zip":
             with zipfile.ZipFile(path) as archive:
@@ -228,7 +246,8 @@ def _pickle_globals(f, pickles: int) -> list[str]:
         try:
             for op, arg, _pos in pickletools.genops(f):
                 if op.name == "GLOBAL":
-                    found.append(arg.replace(" ", "."))
+                    # protocol 2 names Python 3's builtins "__builtin__", as pickle's own reader maps them
+                    found.append(re.sub(r"^__builtin__ ", "builtins ", arg).replace(" ", "."))
                 elif op.name == "STACK_GLOBAL":
                     module, name = (pushed[-2:] if len(pushed) >= 2 else [None, None])
                     found.append(f"{module}.{name}" if isinstance(module, str) and isinstance(name, str)
