@@ -1,6 +1,12 @@
 """A1111 prompt syntax: emphasis parsing (A1111's documented examples), 75-token chunks, the comma rule,
 BREAK, "Original" emphasis, and each chunk's features against transformers' CLIPTextModel."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -184,3 +190,16 @@ def test_tokenizer_token_ids_have_no_special_tokens():
     tokenizer = Tokenizer()
     assert tokenizer.token_ids(["a cat", ""]) == [tokenizer(["a cat"])[0, 1:3].tolist(), []]
     assert (tokenizer.start_id, tokenizer.end_id) == (49406, 49407)
+
+
+def test_readme_prompt_syntax_example_runs(tmp_path):
+    """The README's example on the bundled demo model: two chunks, an image saved."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = re.search(r"## Prompt syntax\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                        "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch.Size([1, 154, 128])" in proc.stdout
+    assert (tmp_path / "syntax.png").stat().st_size > 0
