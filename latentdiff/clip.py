@@ -76,6 +76,18 @@ class Tokenizer:
         # verbose=False: over-long prompts are expected here; dropped_words() is how callers warn.
         return self.bpe(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """BPE ids of each text, without start, end or padding: the pieces latentdiff/prompts.py chunks."""
+        return self.bpe(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+
+    @property
+    def start_id(self) -> int:
+        return self.bpe.bos_token_id
+
+    @property
+    def end_id(self) -> int:
+        return self.bpe.eos_token_id
+
     def __call__(self, prompts: list[str]) -> torch.LongTensor:
         rows = []
         for ids in self._ids(prompts):

@@ -21,6 +21,7 @@ from .infotext import from_fields
 from .loader import load_model, model_hash, swap_vae, vae_name
 from .memory import keep_freed_memory
 from .model import StableDiffusion
+from .prompts import count_chunks, encode_prompts
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
 from .sampling import diffusers_layout
@@ -124,18 +125,16 @@ class Pipeline:
 
     # -- text ---------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Token features for each prompt. `clip_skip` counts as A1111 does: 1 = the model's own layer,
-        2 = one layer earlier, ..."""
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1, chunks: int = 1) -> torch.Tensor:
+        """Token features for each prompt, in A1111's prompt syntax (latentdiff/prompts.py): emphasis
+        weights, 75-token chunks joined along the token axis, at least `chunks` of them. `clip_skip` counts
+        as A1111 does: 1 = the model's own layer, 2 = one layer earlier, ..."""
         if not 1 <= clip_skip <= self.config.text.layers:
             raise FieldError("clip_skip", f"must be between 1 and {self.config.text.layers}, not {clip_skip}")
-        for prompt in set(prompts):
-            dropped = self.model.tokenizer.dropped_words(prompt)
-            if dropped:
-                log.warning("prompt is longer than %d tokens; dropped: %r", self.config.text.max_length, dropped)
-        tokens = self.model.tokenizer(prompts).to(self.device)
+        layer = self.config.text.output_layer - (clip_skip - 1)
         with self._on_device(self.model.text_encoder) as text_encoder:
-            return text_encoder(tokens, layer=self.config.text.output_layer - (clip_skip - 1))
+            return encode_prompts(prompts, self.model.tokenizer,
+                                  lambda tokens: text_encoder(tokens.to(self.device), layer=layer), chunks)
 
     # -- sampling -----------------------------------------------------------------------------------
 
@@ -262,10 +261,13 @@ class Pipeline:
 
     def _sample(self, request: GenerationRequest, seeds: list[int], callback, progress, noise_device):
         spec, schedule = request.sampler_spec
-        cond = Cond(context=self.encode_prompt(request.prompts, request.clip_skip))
+        chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
+        if request.cfg_scale != 1.0:
+            chunks = count_chunks(request.prompts + request.negative_prompts, self.model.tokenizer)
+        cond = Cond(context=self.encode_prompt(request.prompts, request.clip_skip, chunks))
         uncond = None
         if request.cfg_scale != 1.0:
-            uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip))
+            uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip, chunks))
         denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
         # diffusers' spacings laid out as this sampler's diffusers scheduler does

@@ -142,16 +142,22 @@ def test_clip_skip_changes_the_conditioning(pipe):
     assert not np.array_equal(pixels(one)[0], pixels(two)[0])
 
 
-def test_long_prompt_warns_with_the_dropped_words(pipe, caplog):
-    prompt = " ".join(["red"] * 80) + " zebra giraffe"
+def test_a_long_prompts_tail_changes_the_features(pipe, caplog):
+    """Nothing is dropped any more: words past 75 tokens land in a second chunk, with no warning."""
+    head = " ".join(["red"] * 80)
     with caplog.at_level(logging.WARNING, logger="latentdiff"):
-        pipe.txt2img(prompt, seed=1, **FAST)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "zebra giraffe" in warnings[0] and "77 tokens" in warnings[0]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="latentdiff"):
-        pipe.txt2img("a short prompt", seed=1, **FAST)
+        zebra, cat = (pipe.encode_prompt([f"{head} {tail}"]) for tail in ("zebra giraffe", "cat dog"))
     assert not caplog.records
+    assert zebra.shape == cat.shape == (1, 2 * 77, SD1.text.width)
+    assert torch.equal(zebra[:, :77], cat[:, :77])  # the first chunk holds only "red"
+    assert (zebra[:, 77:] - cat[:, 77:]).abs().max() > 1e-2
+
+
+def test_cfg_pads_the_shorter_of_prompt_and_negative(pipe):
+    long = " ".join(["red"] * 100)
+    for prompt, negative in ((long, "blurry"), ("a cat", long)):
+        result = pipe.txt2img(prompt, negative, seed=1, cfg_scale=7.0, **FAST)
+        assert result.images[0].size == (64, 64)
 
 
 def test_img2img_runs_and_keeps_the_size(pipe):
