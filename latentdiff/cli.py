@@ -24,6 +24,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="a VAE to use instead of the model's own: a VAE file (.safetensors/.pt/.ckpt, e.g. "
                                  "vae-ft-mse-840000-ema-pruned.safetensors), a whole checkpoint (its VAE) or a "
                                  "diffusers AutoencoderKL folder")
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="a folder of textual-inversion embeddings (.pt/.bin/.safetensors, subfolders too): a file's "
+                        "name without its extension, used as a word in a prompt, stands for it (default: none)")
     p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
@@ -159,10 +162,13 @@ def _pipeline(args, device=None):
         raise InputError(f"model not found: {args.model} (pass --model PATH)")
     if args.vae and not Path(args.vae).expanduser().exists():
         raise InputError(f"VAE not found: {args.vae} (pass --vae PATH)")
+    if args.embeddings_dir and not Path(args.embeddings_dir).expanduser().is_dir():
+        raise InputError(f"embeddings folder not found: {args.embeddings_dir} (pass --embeddings-dir DIR)")
     return Pipeline.from_pretrained(args.model, config=args.config, prediction=args.prediction, vae=args.vae,
                                     device=args.device or device, dtype=args.dtype,
                                     vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
-                                    compile=args.compile, offload=args.offload, threads=args.threads)
+                                    compile=args.compile, offload=args.offload, threads=args.threads,
+                                    embeddings_dir=args.embeddings_dir and Path(args.embeddings_dir).expanduser())
 
 
 def _split_between_processes(jobs: list[Job], args) -> tuple[list[Job], object, str]:

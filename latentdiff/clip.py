@@ -159,9 +159,14 @@ class Embeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, vectors: list[tuple[int, int, torch.Tensor]] = ()) -> torch.Tensor:
+        """`vectors`: (row, position, (n, width) vectors) put in place of the token embeddings of positions
+        position..position+n-1 of that row (textual-inversion embeddings; their ids there are placeholders)."""
+        x = self.token_embedding(tokens)
+        for row, position, vecs in vectors:
+            x[row, position:position + len(vecs)] = vecs.to(x.device, x.dtype)
         # Positions are always 0..T-1: slicing the table needs no position_ids buffer in the state dict.
-        return self.token_embedding(tokens) + self.position_embedding.weight[:tokens.shape[1]]
+        return x + self.position_embedding.weight[:tokens.shape[1]]
 
 
 class Encoder(nn.Module):
@@ -206,9 +211,11 @@ class TextEncoder(nn.Module):
             raise InputError(f"TextEncoder: {tokens.shape[1]} tokens exceed max_length {self.cfg.max_length}; "
                              "truncate the prompt (Tokenizer does)")
 
-    def forward(self, tokens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, layer: int | None = None,
+                vectors: list[tuple[int, int, torch.Tensor]] = ()) -> torch.Tensor:
         """(B, T) ids -> (B, T, width): the output of block `layer` (-1 last, -2 penultimate, ...,
-        default cfg.output_layer) with the final layer norm applied, as SD 2.x and "clip skip" use it."""
+        default cfg.output_layer) with the final layer norm applied, as SD 2.x and "clip skip" use it.
+        `vectors`: token embeddings given directly, for textual inversion (see Embeddings.forward)."""
         layer = self.cfg.output_layer if layer is None else layer
         n = self.cfg.layers
         if not -n <= layer <= -1:
@@ -216,7 +223,7 @@ class TextEncoder(nn.Module):
                              f"(-1 = last ... {-n} = first)")
         self._check(tokens)
         model = self.transformer.text_model
-        x = model.embeddings(tokens)
+        x = model.embeddings(tokens, vectors)
         for block in model.encoder.layers[:n + 1 + layer]:  # layers after the requested one are never run
             x = block(x)
         return model.final_layer_norm(x)

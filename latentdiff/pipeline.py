@@ -16,12 +16,13 @@ from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
+from .formats.embeddings import load_embeddings_dir, ti_hashes
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields
 from .loader import load_model, model_hash, swap_vae, vae_name
 from .memory import keep_freed_memory
 from .model import StableDiffusion
-from .prompts import count_chunks, encode_prompts
+from .prompts import count_chunks, encode_prompts, used_embeddings
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
 from .sampling import diffusers_layout
@@ -54,13 +55,16 @@ class Pipeline:
     `keep_freed_memory` (CPU; on by default): sampling reuses freed memory instead of fresh pages from the
     kernel (memory.keep_freed_memory);
     `threads`: intra-op CPU threads while generating; None: as many as there are idle cores, at most the
-    process's setting, which is restored after each generation (threads.generation_threads)."""
+    process's setting, which is restored after each generation (threads.generation_threads);
+    `embeddings_dir`: a folder of textual-inversion embeddings, read once; a file's name (its stem) used as a
+    word in a prompt stands for its vectors (formats/embeddings.py, prompts.py)."""
 
     def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None,
                  vae_tiling: str = "auto", attention_slice: int | None = None, compile: bool = False,
                  offload: bool = False, keep_freed_memory: bool = True, threads: int | None = None,
-                 vae_source: str | Path | None = None):
+                 vae_source: str | Path | None = None, embeddings_dir: str | Path | None = None):
         self.model = model
+        self.embeddings = load_embeddings_dir(embeddings_dir, model.config.text) if embeddings_dir else {}
         self.vae_source = Path(vae_source) if vae_source else None  # a VAE file swapped in (loader.swap_vae)
         self.threads = threads if threads is None else check_threads(threads)
         self.keep_freed_memory = keep_freed_memory
@@ -134,7 +138,8 @@ class Pipeline:
         layer = self.config.text.output_layer - (clip_skip - 1)
         with self._on_device(self.model.text_encoder) as text_encoder:
             return encode_prompts(prompts, self.model.tokenizer,
-                                  lambda tokens: text_encoder(tokens.to(self.device), layer=layer), chunks)
+                                  lambda tokens, **kw: text_encoder(tokens.to(self.device), layer=layer, **kw),
+                                  chunks, self.embeddings)
 
     # -- sampling -----------------------------------------------------------------------------------
 
@@ -245,9 +250,12 @@ class Pipeline:
                       clip_skip=request.clip_skip, eta=request.eta,
                       strength=request.strength if request.init_image is not None else None)
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
+        used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
+                for e in used_embeddings(text, self.embeddings)}
+        ti = {"TI hashes": ti_hashes(used.values())} if used else {}
         return from_fields(fields, {"Model hash": self.model_hash,
                                     "Model": self.source.stem if self.source else self.config.name,
-                                    **vae, "Version": f"latentdiff {__version__}"})
+                                    **vae, **ti, "Version": f"latentdiff {__version__}"})
 
     @functools.cached_property
     def model_hash(self) -> str | None:
@@ -263,7 +271,8 @@ class Pipeline:
         spec, schedule = request.sampler_spec
         chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
         if request.cfg_scale != 1.0:
-            chunks = count_chunks(request.prompts + request.negative_prompts, self.model.tokenizer)
+            chunks = count_chunks(request.prompts + request.negative_prompts, self.model.tokenizer,
+                                  self.embeddings)
         cond = Cond(context=self.encode_prompt(request.prompts, request.clip_skip, chunks))
         uncond = None
         if request.cfg_scale != 1.0:
