@@ -63,6 +63,12 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
     base, origin, notes = {}, {name: FLAGS[name] for name in flags}, []
     if args.from_png:
         base, unhonoured = _png_fields(args.from_png, mode)
+        if "TI hashes" in unhonoured and getattr(args, "embeddings_dir", None):  # honoured if found and equal
+            from .formats.embeddings import ti_replay_notes
+            from .infotext import parse_parameters, read_png_parameters
+            unhonoured.remove("TI hashes")
+            value = parse_parameters(read_png_parameters(args.from_png)).params["TI hashes"]
+            notes += ti_replay_notes(value, Path(args.embeddings_dir).expanduser())
         if unhonoured:
             notes.append(f"--from-png: not replayed (latentdiff cannot honour them): {', '.join(unhonoured)}")
         origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin

@@ -127,7 +127,7 @@ def test_folder_skips_a_wrong_width_file_with_one_warning_and_pipeline_writes_ti
     assert "TI hashes" not in parse_parameters(pipe.infotext(plain.request, 0)).params
 
 
-def test_cli_embeddings_dir_writes_ti_hashes(tmp_path):
+def test_cli_embeddings_dir_writes_ti_hashes_and_replays_them(tmp_path, capsys):
     from tiny import SD1, tiny_model
 
     from latentdiff.cli import main
@@ -146,3 +146,18 @@ def test_cli_embeddings_dir_writes_ti_hashes(tmp_path):
     assert params["TI hashes"] == f"toy: {a1111_hash(toy)}"  # used twice (prompt and negative): named once
     assert main(["txt2img", "a red toy", "--model", str(model), "--embeddings-dir", str(tmp_path / "nope"),
                  "-o", str(out)]) != 0
+    assert "embeddings folder not found" in capsys.readouterr().err
+
+    def replay_notes(*flags):
+        capsys.readouterr()
+        assert main(["txt2img", "--from-png", str(image), "--steps", "1", "--quiet", "--model", str(model),
+                     *flags, "-o", str(tmp_path / "replays")]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+
+    assert not any("TI hashes" in note for note in replay_notes("--embeddings-dir", str(folder)))  # honoured
+    assert any("not replayed" in note and "TI hashes" in note for note in replay_notes())  # no folder given
+    write_embedding(toy, 3, seed=5)  # another version of the file under the same name
+    assert any(f"{toy} has hash {a1111_hash(toy)}" in note and "another version" in note
+               for note in replay_notes("--embeddings-dir", str(folder)))
+    toy.unlink()
+    assert any("no embedding 'toy'" in note for note in replay_notes("--embeddings-dir", str(folder)))

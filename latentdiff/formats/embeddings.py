@@ -164,3 +164,20 @@ def _as_vectors(path: Path, tensor) -> torch.Tensor:
     if vectors.shape[0] == 0 or not torch.isfinite(vectors).all():
         raise CheckpointError(f"{path}: its embedding vectors are empty or hold NaN/Inf; the file is damaged")
     return vectors
+
+
+def ti_replay_notes(value: str, folder) -> list[str]:
+    """What a replay cannot honour of an image's `TI hashes` value ("name: hash, ...") with the embeddings
+    of `folder`: a name with no file of that stem there, or a file whose hash differs (another version of
+    the embedding). A name whose file has the image's hash is honoured: the prompt's trigger word loads it."""
+    files = {p.stem.replace(":", "").replace(",", ""): p for p in sorted(Path(folder).rglob("*"), reverse=True)
+             if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES}  # reversed: the first in sorted order wins
+    notes = []
+    for entry in filter(None, (part.strip() for part in value.split(","))):
+        name, _, wanted = (s.strip() for s in entry.rpartition(":"))
+        if name not in files:
+            notes.append(f"TI hashes: no embedding {name!r} in {folder}; the image's prompt used it")
+        elif a1111_hash(files[name]) != wanted:
+            notes.append(f"TI hashes: {files[name]} has hash {a1111_hash(files[name])}, the image's {name!r} "
+                         f"had {wanted}: another version of the embedding, the image will differ")
+    return notes
