@@ -118,7 +118,7 @@ def used_embeddings(prompt: str, embeddings: dict[str, Embedding] | None) -> lis
 
 
 def chunk(pieces: list, token_ids: Callable[[list[str]], list[list[int]]], comma_id: int,
-          length: int = 75) -> list[tuple[list[int], list[float]]]:
+          length: int = 75) -> list[tuple[list, list[float]]]:
     """Pieces -> chunks of at most `length` (ids, weights), without start / end / padding. An embedding's
     piece (find_triggers) takes one slot (embedding, k) per vector k in place of an id.
 
