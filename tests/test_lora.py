@@ -104,7 +104,8 @@ def test_set_loras_restores_bit_for_bit_and_writes_the_infotext(sd1, tmp_path):
     pipe = Pipeline(model, device="cpu", dtype=torch.float32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     pipe.set_loras([(lora, 1.0), (second, -0.5)])
-    assert not torch.equal(model.state_dict()[next(iter(lora_deltas(lora, model)))], state[next(iter(lora_deltas(lora, model)))])
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed == set(lora_deltas(lora, model)) | set(lora_deltas(second, model))
     pipe.set_loras([(second, 0.3)])  # replaces the set: restores first, then merges
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
     assert changed == set(lora_deltas(second, model))
@@ -139,7 +140,7 @@ def test_sd2_linear_projections_take_the_same_names(tmp_path):
     write_lora(lora, folder_weights(folder))  # proj_in/proj_out are Linear layers in SD 2.x
     deltas = lora_deltas(lora, model, 0.5)
     assert len(deltas) == len(UNET_LAYERS + TEXT_LAYERS)
-    assert deltas[f"model.diffusion_model.input_blocks.1.1.proj_in.weight"].dim() == 2
+    assert deltas["model.diffusion_model.input_blocks.1.1.proj_in.weight"].dim() == 2
 
 
 def test_files_that_do_not_fit_are_refused_before_anything_changes(sd1, tmp_path):
@@ -172,3 +173,21 @@ def test_lora_flag_weight():
     assert _lora_arg("a/b.safetensors:0.6") == ("a/b.safetensors", 0.6)
     assert _lora_arg("a/b.safetensors") == ("a/b.safetensors", 1.0)
     assert _lora_arg(r"C:\loras\b.safetensors") == (r"C:\loras\b.safetensors", 1.0)
+
+
+def test_cli_lora_flag_merges_and_records_the_file(sd1, tmp_path, capsys):
+    from latentdiff.cli import main
+    from latentdiff.infotext import parse_parameters, read_png_parameters
+    model, _, lora = sd1
+    model_file = save_model(model, tmp_path / "tiny.safetensors")
+    args = ["txt2img", "a cat", "-W", "64", "-H", "64", "--steps", "2", "--seed", "3", "--dtype", "fp32",
+            "--model", str(model_file)]
+    assert main([*args, "-o", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--lora", f"{lora}:0.5", "-o", str(tmp_path / "lora")]) == 0
+    _, _, params = parse_parameters(read_png_parameters(tmp_path / "lora" / "3.png"))
+    assert params["Lora hashes"] == f"detail: {lora_hash(lora)}"
+    assert (tmp_path / "plain" / "3.png").read_bytes() != (tmp_path / "lora" / "3.png").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--lora", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x")]) != 0
+    assert "LoRA file not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
