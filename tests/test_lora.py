@@ -34,8 +34,10 @@ def randn(*shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def write_lora(path, folder_sd: dict[str, torch.Tensor], layers=UNET_LAYERS + TEXT_LAYERS, prefix=None) -> None:
-    """A kohya file for `layers` of a model whose diffusers weights are `folder_sd` (module -> weight)."""
+def write_lora(path, folder_sd: dict[str, torch.Tensor], layers=UNET_LAYERS + TEXT_LAYERS, prefix=None,
+               alpha=ALPHA) -> None:
+    """A kohya file for `layers` of a model whose diffusers weights are `folder_sd` (module -> weight);
+    alpha=None writes none (kohya and A1111 then scale by 1, as if alpha were the rank)."""
     sd = {}
     for seed, layer in enumerate(layers):
         shape = folder_sd[layer + ".weight"].shape
@@ -44,7 +46,8 @@ def write_lora(path, folder_sd: dict[str, torch.Tensor], layers=UNET_LAYERS + TE
         kernel = shape[2:]
         sd[f"{name}.lora_down.weight"] = randn(RANK, shape[1], *kernel, seed=2 * seed) * 0.3
         sd[f"{name}.lora_up.weight"] = randn(shape[0], RANK, *(1,) * len(kernel), seed=2 * seed + 1) * 0.3
-        sd[f"{name}.alpha"] = torch.tensor(ALPHA)
+        if alpha is not None:
+            sd[f"{name}.alpha"] = torch.tensor(alpha)
     save_file(sd, str(path))
 
 
@@ -72,10 +75,15 @@ def outputs(unet, text, diffusers: bool):
         return unet(x, t, context), text(tokens)
 
 
-def test_merge_matches_diffusers_fuse_lora(sd1):
+# Files whose every layer has an alpha, and files with none: diffusers gives a layer without alpha the
+# file's first alpha when others have one (its peft config's default), where kohya and A1111 scale it by 1.
+@pytest.mark.parametrize("alpha", [ALPHA, None], ids=["alpha", "no-alpha"])
+def test_merge_matches_diffusers_fuse_lora(sd1, alpha, tmp_path):
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (the `test` extra)")
     from diffusers import StableDiffusionPipeline
-    model, folder, lora = sd1
+    model, folder, _ = sd1
+    lora = tmp_path / "lora.safetensors"
+    write_lora(lora, folder_weights(folder), alpha=alpha)
     weight = 0.7
     theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
                                                      local_files_only=True)
@@ -161,12 +169,28 @@ def test_files_that_do_not_fit_are_refused_before_anything_changes(sd1, tmp_path
     save_file({"lora_unet_mid_block_resnets_0_conv1.lora_mid.weight": torch.zeros(4, 4, 3, 3)}, str(tucker))
     with pytest.raises(CheckpointError, match="lora_mid.*not supported yet"):
         pipe.set_loras([(tucker, 1.0)])
+    diffusers_format = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.mid_block.resnets.0.conv1.lora_A.weight": torch.zeros(4, 64, 3, 3)}, str(diffusers_format))
+    with pytest.raises(CheckpointError, match="lora_A.*not a kohya LoRA key.*diffusers/PEFT.*not supported yet"):
+        pipe.set_loras([(diffusers_format, 1.0)])
+    pickled = tmp_path / "code.pt"
+    torch.save({"lora_unet_mid_block_resnets_0_conv1.alpha": Runs()}, pickled)
+    with pytest.raises(CheckpointError, match="code"):
+        pipe.set_loras([(pickled, 1.0)])
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(lora.read_bytes()[:-100])
     with pytest.raises(CheckpointError):
         pipe.set_loras([(truncated, 1.0)])
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert pipe.loras == []
+
+
+class Runs:
+    """A pickle that would run code when loaded (os.getcwd here: harmless if it ever did)."""
+
+    def __reduce__(self):
+        import os
+        return os.getcwd, ()
 
 
 def test_lora_flag_weight():

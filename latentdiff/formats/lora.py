@@ -57,8 +57,9 @@ def lora_deltas(path, model: StableDiffusion, weight: float = 1.0) -> dict[str, 
     for key in sd:
         layer = next((key[: -len(p)] for p in _PARTS if key.endswith(p)), None)
         if layer is None:
-            raise CheckpointError(f"{path}: key {key!r} is not a LoRA key (expected '<layer>.lora_down.weight', "
-                                  "'.lora_up.weight' or '.alpha'); is this a LoRA file?")
+            raise CheckpointError(f"{path}: key {key!r} is not a kohya LoRA key (expected '<layer>.lora_down.weight',"
+                                  " '.lora_up.weight' or '.alpha'); is this a LoRA file? (diffusers/PEFT-format "
+                                  "LoRA files are not supported yet)")
         layers.setdefault(layer, {})[key[len(layer) + 1:]] = sd[key]
     names = kohya_names(model)
     unknown = [layer for layer in layers if layer not in names]
