@@ -78,7 +78,8 @@ def _delta(path: Path, layer: str, parts: dict, param: nn.Parameter, weight: flo
         raise CheckpointError(f"{path}: layer {layer!r} lacks its lora_down or lora_up weight")
     down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
     rank = down.shape[0]
-    alpha = float(parts["alpha"]) if "alpha" in parts else rank  # kohya: no alpha means alpha = rank
+    alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
+    alpha = alpha or rank  # kohya and A1111: no alpha, or alpha 0, scales by 1
     target = tuple(param.shape)
     fits = (up.dim() == down.dim() in (2, 4) and up.shape[1] == rank and up[0, 0].numel() == 1
             and up.shape[0] == target[0] and down.shape[1] == target[1] and down[0].numel() == param[0].numel())
