@@ -27,11 +27,22 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings-dir", metavar="DIR",
                    help="a folder of textual-inversion embeddings (.pt/.bin/.safetensors, subfolders too): a file's "
                         "name without its extension, used as a word in a prompt, stands for it (default: none)")
+    p.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]",
+                   help="a kohya/A1111 LoRA file merged into the model at WEIGHT (default 1); repeatable")
     p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp16 on CUDA, bf16 on CPUs with AMX / AVX512-BF16, "
                                    "else fp32)")
+
+
+def _lora_arg(value: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]`: a trailing ":number" is the weight (so "C:\\x.safetensors" stays a path)."""
+    path, _, weight = value.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
@@ -164,7 +175,11 @@ def _pipeline(args, device=None):
         raise InputError(f"VAE not found: {args.vae} (pass --vae PATH)")
     if args.embeddings_dir and not Path(args.embeddings_dir).expanduser().is_dir():
         raise InputError(f"embeddings folder not found: {args.embeddings_dir} (pass --embeddings-dir DIR)")
+    for path, _ in args.lora:
+        if not Path(path).expanduser().is_file():
+            raise InputError(f"LoRA file not found: {path} (pass --lora PATH[:WEIGHT])")
     return Pipeline.from_pretrained(args.model, config=args.config, prediction=args.prediction, vae=args.vae,
+                                    loras=[(Path(p).expanduser(), w) for p, w in args.lora],
                                     device=args.device or device, dtype=args.dtype,
                                     vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
                                     compile=args.compile, offload=args.offload, threads=args.threads,

@@ -17,11 +17,13 @@ from .denoisers import CFGDenoiser, DiscreteDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .formats.embeddings import load_embeddings_dir, ti_hashes
+from .formats.lora import lora_deltas, lora_hash
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields
 from .loader import load_model, model_hash, swap_vae, vae_name
 from .memory import keep_freed_memory
 from .model import StableDiffusion
+from .patches import apply_patches
 from .prompts import count_chunks, encode_prompts, used_embeddings
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
@@ -65,6 +67,8 @@ class Pipeline:
                  vae_source: str | Path | None = None, embeddings_dir: str | Path | None = None):
         self.model = model
         self.embeddings = load_embeddings_dir(embeddings_dir, model.config.text) if embeddings_dir else {}
+        self.loras: list[tuple[Path, float, str]] = []  # merged LoRA files: (path, weight, A1111 short hash)
+        self._lora_patches = None  # their patches.Patched handle
         self.vae_source = Path(vae_source) if vae_source else None  # a VAE file swapped in (loader.swap_vae)
         self.threads = threads if threads is None else check_threads(threads)
         self.keep_freed_memory = keep_freed_memory
@@ -77,16 +81,32 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | Path | None = None, *, config=None, prediction: str | None = None,
-                        device=None, dtype=None, vae: str | Path | None = None, **options) -> "Pipeline":
+                        device=None, dtype=None, vae: str | Path | None = None, loras=(), **options) -> "Pipeline":
         """A single-file checkpoint or a diffusers folder; `config` is a preset name (e.g. "sd2-v") or a
         ModelConfig for single files whose architecture should not be detected. `vae`: a VAE file or folder
-        to use instead of the model's own (loader.swap_vae). `options`: see the class.
+        to use instead of the model's own (loader.swap_vae). `loras`: [(LoRA file, weight)] merged in
+        (set_loras). `options`: see the class.
         Without a source: the bundled demo model."""
         source = demo_model() if source is None else source
         device, dtype = default_device_dtype(device, dtype)
         model = load_model(source, config=config, prediction=prediction, dtype=dtype)
         vae_source = swap_vae(model, vae) if vae is not None else None
-        return cls(model, device=device, dtype=dtype, source=source, vae_source=vae_source, **options)
+        pipe = cls(model, device=device, dtype=dtype, source=source, vae_source=vae_source, **options)
+        if loras:
+            pipe.set_loras(loras)
+        return pipe
+
+    def set_loras(self, loras) -> None:
+        """Merge [(kohya LoRA file, weight)] into the weights, after restoring (bit for bit) the ones merged
+        before; `set_loras([])` removes them all. All files are read and checked before anything changes."""
+        deltas, used = {}, []
+        for path, weight in loras:
+            for name, delta in lora_deltas(path, self.model, weight).items():
+                deltas[name] = deltas[name] + delta if name in deltas else delta
+            used.append((Path(path), weight, lora_hash(path)))
+        if self._lora_patches is not None:
+            self._lora_patches.restore()
+        self._lora_patches, self.loras = (apply_patches(self.model, deltas) if deltas else None), used
 
     def to(self, *args, device=None, dtype=None) -> "Pipeline":
         """Like nn.Module.to: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cpu", "bf16")`."""
@@ -255,7 +275,12 @@ class Pipeline:
         ti = {"TI hashes": ti_hashes(used.values())} if used else {}
         return from_fields(fields, {"Model hash": self.model_hash,
                                     "Model": self.source.stem if self.source else self.config.name,
-                                    **vae, **ti, "Version": f"latentdiff {__version__}"})
+                                    **vae, **ti, **self._lora_infotext(), "Version": f"latentdiff {__version__}"})
+
+    def _lora_infotext(self) -> dict:
+        """A1111's `Lora hashes` entry: "name: hash, ..." (names without ":" and ",", as A1111 writes them)."""
+        return {"Lora hashes": ", ".join(f"{p.stem.replace(':', '').replace(',', '')}: {h}"
+                                         for p, _, h in self.loras)} if self.loras else {}
 
     @functools.cached_property
     def model_hash(self) -> str | None:
