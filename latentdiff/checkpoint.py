@@ -6,6 +6,7 @@ The file's content decides how it is read; its extension only serves to catch a 
 as a .safetensors file. Large files are memory-mapped, so a tensor costs RAM only once it is used.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -261,6 +262,17 @@ def _pickle_globals(f, pickles: int) -> list[str]:
         except ValueError:  # past the pickles: a legacy file's raw storage bytes
             break
     return found
+
+
+def file_sha256(path, *, start: int = 0) -> str:
+    """The hex sha256 of a file's bytes from offset `start` on, read in blocks (model files are gigabytes):
+    the digest behind A1111's short hashes of models, VAEs, embeddings and LoRAs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _plain(error: Exception) -> str:

@@ -284,6 +284,16 @@ def from_fields(fields: dict, extra: dict | None = None) -> str:
                              params | dict(extra or {}))
 
 
+def hash_entry_name(name: str) -> str:
+    """A name as A1111 writes it in a "name: hash, ..." list (TI hashes, Lora hashes): without ":" and ","."""
+    return name.replace(":", "").replace(",", "")
+
+
+def hash_list(pairs) -> str:
+    """A1111's `TI hashes` / `Lora hashes` value from (name, short hash) pairs (the writer quotes it)."""
+    return ", ".join(f"{hash_entry_name(name)}: {short}" for name, short in pairs)
+
+
 def _read_number(key: str, text: str, kind: type):
     pattern, expected = (_INTEGER, "a whole number") if kind is int else (_NUMBER, "a number")
     value = text.strip()

@@ -1,7 +1,6 @@
 """Load a model from whatever the user has: a single file, a diffusers folder, or a preset + weights."""
 
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ORIGINAL_PREFIXES, load_strict, read_state_dict, split_prefixed
+from .checkpoint import ORIGINAL_PREFIXES, file_sha256, load_strict, read_state_dict, split_prefixed
 from .config import ModelConfig, preset
 from .errors import CheckpointError
 from .formats.diffusers_folder import (WEIGHT_FILES, is_diffusers_folder, read_diffusers_folder, weights_file,
@@ -110,11 +109,7 @@ def model_hash(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         path = next(path.glob("unet/diffusion_pytorch_model*"), None) or path / "model_index.json"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+    return file_sha256(path)[:10]
 
 
 def swap_vae(model: StableDiffusion, source: str | Path) -> Path:

@@ -19,7 +19,7 @@ from .errors import FieldError, GenerationError, InputError, UnsupportedModelErr
 from .formats.embeddings import load_embeddings_dir, ti_hashes
 from .formats.lora import lora_deltas, lora_hash
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
-from .infotext import from_fields
+from .infotext import from_fields, hash_list
 from .loader import load_model, model_hash, swap_vae, vae_name
 from .memory import keep_freed_memory
 from .model import StableDiffusion
@@ -279,8 +279,7 @@ class Pipeline:
 
     def _lora_infotext(self) -> dict:
         """A1111's `Lora hashes` entry: "name: hash, ..." (names without ":" and ",", as A1111 writes them)."""
-        return {"Lora hashes": ", ".join(f"{p.stem.replace(':', '').replace(',', '')}: {h}"
-                                         for p, _, h in self.loras)} if self.loras else {}
+        return {"Lora hashes": hash_list((p.stem, h) for p, _, h in self.loras)} if self.loras else {}
 
     @functools.cached_property
     def model_hash(self) -> str | None:

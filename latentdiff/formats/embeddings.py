@@ -12,16 +12,16 @@ The trigger word is the file name's stem, as in A1111 (a name stored inside the 
 Pickles go through checkpoint.py's code-free reader, like checkpoints.
 """
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import checkpoint_format, read_state_dict, read_torch_object
+from ..checkpoint import checkpoint_format, file_sha256, read_state_dict, read_torch_object
 from ..config import TextEncoderConfig
 from ..errors import CheckpointError, InputError
+from ..infotext import hash_entry_name, hash_list
 
 log = logging.getLogger("latentdiff")
 
@@ -121,17 +121,13 @@ def a1111_hash(path) -> str:
     its embedding loader hashes the whole file (cache key "textual_inversion/<name>", no "addnet" variant,
     unlike LoRA's, which skips a safetensors header) and its "shorthash" is hash[0:12]. Not run against an
     A1111 install here; the value is computed, not tested against an A1111-written image."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def ti_hashes(embeddings) -> str:
     """The `TI hashes` infotext value for the embeddings a prompt used: "name: hash, name: hash", names
     stripped of ":" and "," as A1111 writes them (the infotext writer quotes the value, as it holds both)."""
-    return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in embeddings)
+    return hash_list((e.name, e.hash) for e in embeddings)
 
 
 def _refuse_non_embedding(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -170,14 +166,14 @@ def ti_replay_notes(value: str, folder) -> list[str]:
     """What a replay cannot honour of an image's `TI hashes` value ("name: hash, ...") with the embeddings
     of `folder`: a name with no file of that stem there, or a file whose hash differs (another version of
     the embedding). A name whose file has the image's hash is honoured: the prompt's trigger word loads it."""
-    files = {p.stem.replace(":", "").replace(",", ""): p for p in sorted(Path(folder).rglob("*"), reverse=True)
+    files = {hash_entry_name(p.stem): p for p in sorted(Path(folder).rglob("*"), reverse=True)
              if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES}  # reversed: the first in sorted order wins
     notes = []
     for entry in filter(None, (part.strip() for part in value.split(","))):
         name, _, wanted = (s.strip() for s in entry.rpartition(":"))
         if name not in files:
             notes.append(f"TI hashes: no embedding {name!r} in {folder}; the image's prompt used it")
-        elif a1111_hash(files[name]) != wanted:
-            notes.append(f"TI hashes: {files[name]} has hash {a1111_hash(files[name])}, the image's {name!r} "
+        elif (found := a1111_hash(files[name])) != wanted:
+            notes.append(f"TI hashes: {files[name]} has hash {found}, the image's {name!r} "
                          f"had {wanted}: another version of the embedding, the image will differ")
     return notes

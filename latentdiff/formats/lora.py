@@ -13,13 +13,12 @@ Refused, one line each: LyCORIS' LoHa / LoKr / Tucker (`lora_mid`) / DoRA keys, 
 the model (another architecture, e.g. SDXL's `lora_te1_`), deltas whose shape does not fit the layer.
 """
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import read_state_dict
+from ..checkpoint import file_sha256, read_state_dict
 from ..errors import CheckpointError
 from ..model import StableDiffusion
 from .unet_keys import unet_key_table
@@ -95,10 +94,8 @@ def lora_hash(path) -> str:
     """A1111's short hash of a LoRA file for its `Lora hashes` infotext entry: the first 12 hex digits of the
     sha256 of a safetensors file's tensor data, its header skipped (A1111's "addnet" hash, the one kohya's
     additional-networks extension introduced, so metadata edits keep the hash); a pickle hashes whole."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if Path(path).suffix.lower() == ".safetensors":
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    start = 0
+    if Path(path).suffix.lower() == ".safetensors":
+        with open(path, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")
+    return file_sha256(path, start=start)[:12]
