@@ -248,10 +248,11 @@ class Pipeline:
         request, notes = self.prepare(request)
         images, seeds, latents = [], [], []
         with generation_threads(self.threads):
+            conds = self._conditioning(request)  # once: every iteration has the same prompts
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
-                x = self._sample(request, batch_seeds, callback, progress, noise_device)
+                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device)
                 decoded, decode_notes = self.decode(x)
                 images += decoded
                 seeds += batch_seeds
@@ -291,8 +292,8 @@ class Pipeline:
         """The same short hash of the swapped-in VAE's file."""
         return model_hash(self.vae_source) if self.vae_source else None
 
-    def _sample(self, request: GenerationRequest, seeds: list[int], callback, progress, noise_device):
-        spec, schedule = request.sampler_spec
+    def _conditioning(self, request: GenerationRequest) -> tuple[Cond, Cond | None]:
+        """The (cond, uncond) records of a request's prompts; uncond None without guidance."""
         chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
         if request.cfg_scale != 1.0:
             chunks = count_chunks(request.prompts + request.negative_prompts, self.model.tokenizer,
@@ -301,6 +302,12 @@ class Pipeline:
         uncond = None
         if request.cfg_scale != 1.0:
             uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip, chunks))
+        return cond, uncond
+
+    def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
+                progress, noise_device):
+        spec, schedule = request.sampler_spec
+        cond, uncond = conds
         denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
         # diffusers' spacings laid out as this sampler's diffusers scheduler does
