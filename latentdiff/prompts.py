@@ -184,7 +184,7 @@ def emphasize(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def encode_prompts(prompts: list[str], tokenizer, text_encoder: Callable[[torch.Tensor], torch.Tensor],
-           min_chunks: int = 1, embeddings: dict[str, Embedding] | None = None) -> torch.Tensor:
+                   min_chunks: int = 1, embeddings: dict[str, Embedding] | None = None) -> torch.Tensor:
     """(B, chunks * 77, C) features: every prompt's chunks encoded as start + 75 tokens + end + the
     tokenizer's padding (`text_encoder` maps (N, 77) ids to (N, 77, C) features), joined along the token
     axis. Prompts with fewer chunks than the longest (or than `min_chunks`) get chunks of the empty prompt,
