@@ -77,6 +77,8 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
                                                       f"(default: {DEFAULTS.strength})", **flag)
         p.add_argument("--resize-mode", choices=RESIZE_MODES, metavar="MODE",
                        help=f"with -W/-H: {', '.join(RESIZE_MODES)} (default: {DEFAULTS.resize_mode})", **flag)
+        p.add_argument("--image-cfg-scale", type=float, help="InstructPix2Pix checkpoints: how closely to keep to "
+                                                             "the init image, 1 = off (default: 1.5)", **flag)
     p.add_argument("-o", "--outdir", default="outputs", help="output folder, created; files are never overwritten "
                                                              "(default: outputs)")
     p.add_argument("--prompts-file", help="batch mode: one prompt per line, or JSON lines with per-line options; "
@@ -266,7 +268,9 @@ def cmd_info(args) -> int:
     print(f"family:      {FAMILY_NAMES[cfg.family]}, {cfg.prediction}-prediction, native {cfg.resolution}px")
     if cfg.unet.in_channels != cfg.unet.out_channels:
         from .conditioning import concat_family
-        print(f"variant:     {concat_family(cfg.unet.in_channels, cfg.unet.out_channels)} (cannot generate yet)")
+        from .instruct import is_instruct_model
+        usable = " (edits with img2img)" if is_instruct_model(cfg) else " (cannot generate yet)"
+        print(f"variant:     {concat_family(cfg.unet.in_channels, cfg.unet.out_channels)}{usable}")
     print(f"text:        {text_tower_name(cfg.text)}")
     for name, count in summary.parameters.items():
         print(f"{name + ':':13}{count / 1e6:.1f}M parameters")

@@ -209,6 +209,7 @@ def _json_writer(document: dict) -> str:
 SCALAR_KEYS = {
     "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int), "Eta": ("eta", float), "Denoising strength": ("strength", float),
+    "Image CFG scale": ("image_cfg_scale", float),
 }
 # Keys that describe the image without directing its generation: never worth a warning. (Lora and
 # TI hashes do direct it: they record add-ons the prompt loaded.)

@@ -14,10 +14,10 @@ FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width"
          "seed": "--seed", "batch_size": "--batch-size", "n_iter": "--n-iter", "clip_skip": "--clip-skip",
          "eta": "--eta", "strength": "--strength", "init_image": "--init-image", "resize_mode": "--resize-mode",
          "device": "--device", "dtype": "--dtype", "threads": "--threads", "attention_slice": "--attention-slice",
-         "vae_tiling": "--vae-tiling", "offload": "--offload"}
+         "vae_tiling": "--vae-tiling", "offload": "--offload", "image_cfg_scale": "--image-cfg-scale"}
 # the per-line options of a JSON prompts file: the request's plain fields
 JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
-            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode")
+            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode", "image_cfg_scale")
 
 
 def for_the_command_line(error: Exception) -> str:

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, speedups
+from . import __version__, instruct, speedups
 from .conditioning import Cond, concat_family, map_tensors
-from .denoisers import CFGDenoiser, DiscreteDenoiser
+from .denoisers import CFGDenoiser, DiscreteDenoiser, InstructCFGDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .formats.embeddings import load_embeddings_dir, ti_hashes
@@ -178,7 +178,7 @@ class Pipeline:
         noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens])
         return to_device(noise, self.device)
 
-    def _denoiser(self, cond: Cond, uncond: Cond | None, cfg_scale):
+    def _denoiser(self, cond: Cond, uncond: Cond | None, cfg_scale, image_cfg_scale=None):
         dtype = self.dtype
         unet = self._unet
 
@@ -187,6 +187,9 @@ class Pipeline:
 
         acp = alphas_cumprod_for(self.config)  # on the host, as the sigmas
         base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
+        if image_cfg_scale is not None:  # InstructPix2Pix: three-way guidance
+            return InstructCFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale,
+                                                   image_cfg_scale=image_cfg_scale), acp
         return CFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
 
     # -- generation ---------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ class Pipeline:
             raise InputError(f"generate() needs a GenerationRequest, not {type(request).__name__}")
         request.validate()
         unet = self.config.unet
-        if unet.in_channels != unet.out_channels:  # nothing builds the concat channels of the Cond for it yet
+        if unet.in_channels != unet.out_channels and not instruct.is_instruct_model(self.config):
             raise UnsupportedModelError(
                 f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
                 f"{unet.in_channels} input channels, and the pipeline cannot yet build that conditioning; "
@@ -222,6 +225,7 @@ class Pipeline:
         if request.clip_skip > layers:
             raise FieldError("clip_skip", f"must be between 1 and {layers} (this text encoder's layers), "
                                           f"not {request.clip_skip}")
+        image_cfg_scale = instruct.check_request(request, self.config)
         multiple, notes = self.size_multiple(), []
         seed = secrets.randbelow(2**32) if request.seed == RANDOM_SEED else request.seed
         width, height, image = request.width, request.height, request.init_image
@@ -235,7 +239,8 @@ class Pipeline:
         spec, schedule = request.sampler_spec  # recorded by A1111's name, with the schedule it resolves to
         prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image,
                                    width=width or self.config.resolution, height=height or self.config.resolution,
-                                   batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode))
+                                   batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode),
+                                   image_cfg_scale=image_cfg_scale)
         prepared.check_size(multiple)
         return prepared, notes
 
@@ -268,7 +273,7 @@ class Pipeline:
         fields = dict(prompt=request.prompts[i], negative_prompt=request.negative_prompts[i], steps=request.steps,
                       sampler=request.sampler, schedule=request.schedule, cfg_scale=request.cfg_scale,
                       seed=request.seed + index, width=request.width, height=request.height,
-                      clip_skip=request.clip_skip, eta=request.eta,
+                      clip_skip=request.clip_skip, eta=request.eta, image_cfg_scale=request.image_cfg_scale,
                       strength=request.strength if request.init_image is not None else None)
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
@@ -295,20 +300,26 @@ class Pipeline:
     def _conditioning(self, request: GenerationRequest) -> tuple[Cond, Cond | None]:
         """The (cond, uncond) records of a request's prompts; uncond None without guidance."""
         chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
-        if request.cfg_scale != 1.0:
+        guided = instruct.needs_uncond(request.cfg_scale, request.image_cfg_scale)
+        if guided:
             chunks = count_chunks(request.prompts + request.negative_prompts, self.model.tokenizer,
                                   self.embeddings)
         cond = Cond(context=self.encode_prompt(request.prompts, request.clip_skip, chunks))
         uncond = None
-        if request.cfg_scale != 1.0:
+        if guided:
             uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip, chunks))
+        if request.image_cfg_scale is not None:  # InstructPix2Pix: the image's latents beside every call's
+            with self._on_device(self.model.vae) as vae:
+                image = pil_to_tensor(request.init_image).to(self.device, self.dtype)
+                latents = instruct.image_latents(vae, image).expand(len(request.prompts), -1, -1, -1)
+            cond, uncond = instruct.with_image(cond, latents), instruct.with_image(uncond, latents)
         return cond, uncond
 
     def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
                 progress, noise_device):
         spec, schedule = request.sampler_spec
         cond, uncond = conds
-        denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
+        denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale, request.image_cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
         # diffusers' spacings laid out as this sampler's diffusers scheduler does
         sigmas = make_sigmas(schedule, request.steps, acp,

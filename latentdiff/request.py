@@ -42,6 +42,7 @@ class GenerationRequest:
     strength: float = 0.75  # img2img's denoising strength
     init_image: Image.Image | str | os.PathLike | None = None
     resize_mode: str | int = "just resize"  # img2img with width/height: how the init image gets that size
+    image_cfg_scale: float | None = None  # InstructPix2Pix models only (None: 1.5 there); A1111's API name
     # room for the add-ons of later issues; each must stay empty until its feature lands
     mask: Image.Image | None = None
     loras: tuple = ()
@@ -81,6 +82,8 @@ class GenerationRequest:
             raise FieldError("seed", f"{self.seed}: with {self.batch_size * self.n_iter} images the seeds pass "
                                      f"{MAX_SEED}; choose a smaller seed")
         _number("cfg_scale", self.cfg_scale)
+        if self.image_cfg_scale is not None:
+            _number("image_cfg_scale", self.image_cfg_scale)
         if self.eta is not None:
             _number("eta", self.eta, minimum=0.0)
         _number("strength", self.strength)

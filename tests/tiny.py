@@ -4,6 +4,8 @@ The layout is SD's (8x VAE, two U-Net levels with cross-attention, CLIP text tow
 a 64x64 image is an 8x8 latent and a whole generation takes well under a second on one CPU thread.
 """
 
+import dataclasses
+
 import torch
 
 from latentdiff.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
@@ -26,6 +28,12 @@ SD2_V = ModelConfig(
                     num_heads=None, head_dim=16, context_dim=32, use_linear_projection=True,
                     upcast_attention=True),
     vae=_VAE, prediction="v", resolution=64)
+
+
+def with_inputs(config: ModelConfig, in_channels: int) -> ModelConfig:
+    """`config` with a U-Net of `in_channels` inputs: 8 is InstructPix2Pix's (latents + image latents)."""
+    return dataclasses.replace(config, name=f"{config.name}-{in_channels}ch",
+                               unet=dataclasses.replace(config.unet, in_channels=in_channels))
 
 
 def tiny_model(config: ModelConfig, seed: int = 0) -> StableDiffusion:
