@@ -15,6 +15,7 @@ from . import __version__, instruct, speedups
 from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser, InstructCFGDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
+from .diffedit import FIELD_NAMES as DIFFEDIT_FIELDS, DiffEditRequest, diffedit
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .formats.embeddings import load_embeddings_dir, ti_hashes
 from .formats.lora import lora_deltas, lora_hash
@@ -202,6 +203,15 @@ class Pipeline:
         """SDEdit: encode the image (a PIL image or a path), noise it to the strength's level, denoise the rest
         of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple."""
         return self._run("img2img", dict(init_image=image, prompt=prompt, negative_prompt=negative_prompt), options)
+
+    def diffedit(self, image, source_prompt: str, target_prompt: str, **options):
+        """DiffEdit (diffedit.py): edit what the target prompt changes from the source prompt, keep the rest.
+        `options`: any DiffEditRequest field (steps, cfg_scale, seed, mask_encode_strength, ...)."""
+        unknown = sorted(set(options) - set(DIFFEDIT_FIELDS))
+        if unknown:
+            raise InputError(f"diffedit: unknown parameter(s) {unknown}; valid ones are {', '.join(DIFFEDIT_FIELDS)}")
+        request = DiffEditRequest(image=image, source_prompt=source_prompt, target_prompt=target_prompt, **options)
+        return diffedit(self, request)
 
     def _run(self, where: str, fields: dict, options: dict) -> Result:
         run = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
