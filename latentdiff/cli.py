@@ -1,4 +1,4 @@
-"""The `latentdiff` command: txt2img, img2img, info, convert, samplers."""
+"""The `latentdiff` command: txt2img, img2img, info, convert, samplers, diffedit."""
 
 import argparse
 import logging
@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
+from . import __version__, diffedit_cli
 from .errors import InputError, LatentDiffError
 from .jobs import Job, command_jobs, for_the_command_line
 
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", metavar="{fp32,fp16,bf16}",
                       help="cast the weights (e.g. fp16 halves the size); default: keep the source's dtypes")
     sub.add_parser("samplers", help="list sampler names and schedules")
+    diffedit_cli.add_parser(sub)
     return parser
 
 
@@ -307,7 +308,7 @@ def cmd_samplers(args) -> int:
 
 
 COMMANDS = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "info": cmd_info, "convert": cmd_convert,
-            "samplers": cmd_samplers}
+            "samplers": cmd_samplers, "diffedit": diffedit_cli.run}
 
 if __name__ == "__main__":
     sys.exit(main())
