@@ -46,7 +46,10 @@ def pipes(request, tmp_path_factory, single_thread):
     return ours, theirs
 
 
-def run_both(ours, theirs):
+@pytest.fixture(scope="module")
+def both(pipes):
+    """Ours and diffusers' mask and inversion, run once per model."""
+    ours, theirs = pipes
     o = OPTIONS
     steps = DiffEditSteps(ours, DiffEditRequest(image=init_image(), source_prompt=SOURCE, target_prompt=TARGET,
                                                 negative_prompt=NEGATIVE, **o))
@@ -71,18 +74,18 @@ def their_edit(theirs, mask, inverted):
                   output_type="pt").images[0]
 
 
-def test_mask_is_identical(pipes):
+def test_mask_is_identical(pipes, both):
     ours, theirs = pipes
-    _, mask, _, their_mask, _ = run_both(ours, theirs)
+    _, mask, _, their_mask, _ = both
     ours_np = mask[0].numpy()
     print(f"{ours.config.name}: mask covers {ours_np.mean():.0%}")
     assert 0 < ours_np.mean() < 1
     assert np.array_equal(ours_np, their_mask.astype(np.float32))
 
 
-def test_inversion_matches(pipes):
+def test_inversion_matches(pipes, both):
     ours, theirs = pipes
-    steps, _, inverted, _, their_inverted = run_both(ours, theirs)
+    steps, _, inverted, _, their_inverted = both
     levels = sorted(inverted)[:-1]  # diffusers keeps every level but the clean latents, top level first
     assert their_inverted.shape[1] == len(levels)
     gaps = [((inverted[k][0] - their_inverted[0, j]).abs().max() / their_inverted[0, j].abs().max()).item()
@@ -94,11 +97,11 @@ def test_inversion_matches(pipes):
 
 
 @pytest.mark.parametrize("blend", ["diffusers", "paper"])
-def test_edit(pipes, blend):
+def test_edit(pipes, both, blend):
     ours, theirs = pipes
     if ours.config.prediction == "v":
         pytest.skip("the v-model inversions differ (test_inversion_matches); the edit is compared on eps")
-    steps, mask, inverted, their_mask, their_inverted = run_both(ours, theirs)
+    steps, mask, inverted, their_mask, their_inverted = both
     latents = steps.edit(mask, inverted, blend_offset=0 if blend == "diffusers" else 1)
     theirs_image = their_edit(theirs, their_mask, their_inverted)
     assert theirs_image.std() > 0.05

@@ -79,7 +79,8 @@ def test_python_api_and_the_cli_agree(files, tmp_path):
     ("maps", ["--source", SOURCE, "--target", TARGET, "--num-maps-per-mask", "0"], "--num-maps-per-mask must be"),
     ("ratio", ["--source", SOURCE, "--target", TARGET, "--mask-thresholding-ratio", "0"],
      "--mask-thresholding-ratio must be > 0"),
-    ("not an image", ["--source", SOURCE, "--target", TARGET, "IMAGE=not_image"], "notes.png is not an image PIL can read"),
+    ("not an image", ["--source", SOURCE, "--target", TARGET, "IMAGE=not_image"],
+     "notes.png is not an image PIL can read"),
     ("instruct-pix2pix model", ["--source", SOURCE, "--target", TARGET, "MODEL=ip2p"],
      "DiffEdit runs on text-to-image checkpoints; this one is an InstructPix2Pix U-Net"),
     ("mask path taken", ["--source", SOURCE, "--target", TARGET, "--save-mask", "IMAGE"], "exists; latentdiff never "

@@ -110,7 +110,8 @@ def test_single_file_and_folder_load_as_instruct_pix2pix(tmp_path, capsys):
     single = save_model(model, tmp_path / "ip2p.safetensors")
     folder = save_model(model, tmp_path / "ip2p-folder")
     index = json.loads((folder / "model_index.json").read_text())  # as diffusers' own ip2p folders name it
-    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionInstructPix2PixPipeline"}))
+    index["_class_name"] = "StableDiffusionInstructPix2PixPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
     images = []
     for source in (single, folder):
         pipe = Pipeline.from_pretrained(source, device="cpu", dtype=torch.float32)
