@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("diffedit", help="edit what a target prompt changes in an image, keep the rest (DiffEdit)")
     flag = dict(default=argparse.SUPPRESS)  # left-out flags are absent, so --from-png can fill them
     p.add_argument("image", help="the image to edit")
-    p.add_argument("--source", dest="source_prompt", help="what the image shows (required)", **flag)
-    p.add_argument("--target", dest="target_prompt", help="what it should show (required)", **flag)
+    p.add_argument("--source", dest="source_prompt", metavar="TEXT", help="what the image shows (required)", **flag)
+    p.add_argument("--target", dest="target_prompt", metavar="TEXT", help="what it should show (required)", **flag)
     p.add_argument("-n", "--negative-prompt", help="what to steer away from (default: none)", **flag)
     p.add_argument("--steps", type=int, help=f"DDIM steps of the whole schedule (default: {d.steps})", **flag)
     p.add_argument("--cfg-scale", type=float, help=f"guidance of the mask and the edit (default: {d.cfg_scale:g})",
@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--inpaint-strength", type=float, help=f"0..1: how much of the schedule the edit reruns "
                                                           f"(default: {d.inpaint_strength})", **flag)
     p.add_argument("--save-mask", metavar="PATH", help="also write the mask found (white = edited) to this new PNG")
-    p.add_argument("--from-png", help="take the DiffEdit options this PNG carries; flags given as well override them")
+    p.add_argument("--from-png", metavar="PNG", help="take the DiffEdit options this PNG carries; flags given as well override them")
     p.add_argument("-o", "--outdir", default="outputs", help="output folder, created; files are never overwritten "
                                                              "(default: outputs)")
     _add_model_flags(p)
