@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from PIL import Image
 
-from .conditioning import Cond
+from .conditioning import Cond, concat_family
 from .errors import FieldError, UnsupportedModelError
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor
 from .prompts import count_chunks
@@ -89,7 +89,6 @@ def diffedit(pipe, request: DiffEditRequest) -> DiffEditResult:
     request.validate()
     unet = pipe.config.unet
     if unet.in_channels != unet.out_channels:
-        from .conditioning import concat_family
         raise UnsupportedModelError(f"DiffEdit runs on text-to-image checkpoints; this one is "
                                     f"{concat_family(unet.in_channels, unet.out_channels)}: use an ordinary model")
     notes = []
@@ -108,6 +107,12 @@ def diffedit(pipe, request: DiffEditRequest) -> DiffEditResult:
         inverted = steps.invert()
         latents = steps.edit(mask, inverted)
         images, decode_notes = pipe.decode(latents)
+    if mask.max() == 0:
+        notes.append("the mask found is empty (the source and target prompts change nothing the model sees): the "
+                     "image comes back as it was, through the VAE; try prompts that differ more, or a lower "
+                     "mask_thresholding_ratio (--mask-thresholding-ratio)")
+    elif mask.min() == 1:
+        notes.append("the mask found covers the whole image: all of it was repainted toward the target prompt")
     f = pipe.config.vae.downsample_factor
     mask_image = Image.fromarray((mask[0, 0].cpu().numpy() * 255).astype("uint8"), "L")
     mask_image = mask_image.resize((mask_image.width * f, mask_image.height * f), Image.NEAREST)
@@ -156,6 +161,8 @@ class DiffEditSteps:
         difference = (self._eps(x, sigma, self.target, r.cfg_scale) - self._eps(x, sigma, self.source, r.cfg_scale))
         guidance_map = difference.abs().mean(dim=(0, 1))
         clamp = guidance_map.mean() * r.mask_thresholding_ratio
+        if clamp == 0:  # the prompts' predictions are equal everywhere: nothing to edit
+            return torch.zeros_like(guidance_map)[None, None]
         return (guidance_map.clamp(0, clamp) / clamp > 0.5).float()[None, None]
 
     def first_step(self) -> int:

@@ -66,6 +66,8 @@ def test_python_api_and_the_cli_agree(files, tmp_path):
         pipe.diffedit(files["image"], SOURCE, TARGET, strength=0.5)
     with pytest.raises(FieldError, match="target_prompt is empty"):
         pipe.diffedit(files["image"], SOURCE, " ")
+    same = pipe.diffedit(files["image"], SOURCE, SOURCE, steps=4, num_maps_per_mask=2, seed=9)
+    assert np.asarray(same.mask).max() == 0 and "the mask found is empty" in same.notes[0]
     ip2p = Pipeline.from_pretrained(files["ip2p"], device="cpu", dtype=torch.float32)
     with pytest.raises(UnsupportedModelError, match="DiffEdit runs on text-to-image checkpoints"):
         ip2p.diffedit(files["image"], SOURCE, TARGET)
