@@ -27,7 +27,7 @@ from PIL import Image
 
 from .conditioning import Cond, concat_family
 from .errors import FieldError, UnsupportedModelError
-from .images import as_rgb_image, fit_to_multiple, pil_to_tensor
+from .images import as_rgb_image, fit_to_multiple
 from .prompts import count_chunks
 from .request import MAX_SEED, RANDOM_SEED
 from .schedules import make_sigmas, spacing_options
@@ -134,9 +134,7 @@ class DiffEditSteps:
         # with its steps_offset, ending at sigma 0 or (set_alpha_to_one false) the smallest training sigma
         self.denoiser, _, acp = pipe._denoiser(self.target, self.negative, r.cfg_scale)
         self.sigmas = make_sigmas("leading", r.steps, acp, **spacing_options("leading", "ddim", config))
-        x = pil_to_tensor(r.image).to(pipe.device, pipe.dtype)
-        with pipe._on_device(pipe.model.vae) as vae:
-            self.posterior = vae.encode(x)
+        self.posterior = pipe.posterior(r.image)
 
     def _latents(self, count: int) -> torch.Tensor:
         """`count` scaled posterior samples in one draw (diffusers encodes the image repeated `count` times)."""

@@ -45,10 +45,9 @@ def needs_uncond(cfg_scale: float, image_cfg_scale: float | None) -> bool:
     return cfg_scale != 1.0 or image_cfg_scale not in (None, 1.0)
 
 
-@torch.no_grad()
-def image_latents(vae, image: torch.Tensor) -> torch.Tensor:
-    """The conditioning latents of an image tensor in [-1, 1]: the posterior's mode, unscaled."""
-    return vae.encode(image).mode().float()
+def image_latents(posterior) -> torch.Tensor:
+    """The conditioning latents of an image's VAE posterior: its mode, unscaled."""
+    return posterior.mode().float()
 
 
 def with_image(cond: Cond | None, latents: torch.Tensor) -> Cond | None:

@@ -319,9 +319,8 @@ class Pipeline:
         if guided:
             uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip, chunks))
         if request.image_cfg_scale is not None:  # InstructPix2Pix: the image's latents beside every call's
-            with self._on_device(self.model.vae) as vae:
-                image = pil_to_tensor(request.init_image).to(self.device, self.dtype)
-                latents = instruct.image_latents(vae, image).expand(len(request.prompts), -1, -1, -1)
+            latents = instruct.image_latents(self.posterior(request.init_image)).expand(len(request.prompts),
+                                                                                        -1, -1, -1)
             cond, uncond = instruct.with_image(cond, latents), instruct.with_image(uncond, latents)
         return cond, uncond
 
@@ -369,10 +368,15 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: Image.Image, gens: list[torch.Generator]) -> torch.Tensor:
         """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them)."""
+        posterior = self.posterior(image)
+        return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
+
+    @torch.no_grad()
+    def posterior(self, image: Image.Image):
+        """The VAE's posterior of an image (tiled as vae_tiling says): unscaled latents' mean and spread."""
         x = pil_to_tensor(image).to(self.device, self.dtype)
         with self._on_device(self.model.vae) as vae:
-            posterior = tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
-        return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
+            return tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[str]]:
