@@ -77,6 +77,9 @@ def test_the_image_conditions_every_step(pipes):
     a = np.asarray(ours.img2img(init_image(), INSTRUCTION, **kwargs).images[0]).astype(int)
     b = np.asarray(ours.img2img(init_image().transpose(0), INSTRUCTION, **kwargs).images[0]).astype(int)
     assert np.abs(a - b).max() > 10
+    batch = ours.img2img(init_image(), INSTRUCTION, batch_size=2, **(kwargs | dict(seed=0))).images
+    # image i of a batch is the run with seed + i (up to rounding: another batch size, other kernels)
+    assert np.abs(np.asarray(batch[1]).astype(int) - a).max() <= 1
     seen = []
 
     def network(x, sigma, cond):
