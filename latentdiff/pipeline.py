@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, speedups
+from . import __version__, hires, speedups
 from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
@@ -237,6 +237,8 @@ class Pipeline:
                                    width=width or self.config.resolution, height=height or self.config.resolution,
                                    batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode))
         prepared.check_size(multiple)
+        if prepared.enable_hr:
+            prepared = hires.prepare(prepared, multiple)
         return prepared, notes
 
     @torch.no_grad()
@@ -249,10 +251,14 @@ class Pipeline:
         images, seeds, latents = [], [], []
         with generation_threads(self.threads):
             conds = self._conditioning(request)  # once: every iteration has the same prompts
+            second_pass = hires.SecondPass(self, request, conds) if request.enable_hr else None
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
                 x = self._sample(request, conds, batch_seeds, callback, progress, noise_device)
+                if second_pass is not None:  # the hires fix: upscaled, then refined at the larger size
+                    x = second_pass(x, batch_seeds, notes, callback=callback, progress=progress,
+                                    noise_device=noise_device)
                 decoded, decode_notes = self.decode(x)
                 images += decoded
                 seeds += batch_seeds
@@ -269,7 +275,8 @@ class Pipeline:
                       sampler=request.sampler, schedule=request.schedule, cfg_scale=request.cfg_scale,
                       seed=request.seed + index, width=request.width, height=request.height,
                       clip_skip=request.clip_skip, eta=request.eta,
-                      strength=request.strength if request.init_image is not None else None)
+                      strength=request.strength if request.init_image is not None or request.enable_hr else None,
+                      **hires.infotext_fields(request, index))
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
                 for e in used_embeddings(text, self.embeddings)}
@@ -305,7 +312,9 @@ class Pipeline:
         return cond, uncond
 
     def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
-                progress, noise_device):
+                progress, noise_device, latents: torch.Tensor | None = None, run_steps: int | None = None):
+        """Sampled latents for one batch; with `latents` (the hires fix's second pass), the last `run_steps`
+        steps of the request's schedule from those latents plus the seeds' first noise draw."""
         spec, schedule = request.sampler_spec
         cond, uncond = conds
         denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
@@ -317,7 +326,10 @@ class Pipeline:
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.out_channels, request.height // f, request.width // f)
         gens = self._generators(seeds, noise_device)
-        if request.init_image is None:
+        if latents is not None:
+            sigmas = sigmas[len(sigmas) - 1 - run_steps:]
+            x = latents + self._randn(gens, shape) * sigmas[0]
+        elif request.init_image is None:
             x = self._randn(gens, shape) * sigmas[0]
         else:  # draw order as diffusers' img2img: posterior sample, then the added noise
             sigmas = img2img_sigmas(sigmas, request.strength)
@@ -346,11 +358,14 @@ class Pipeline:
     # -- autoencoder --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, gens: list[torch.Generator]) -> torch.Tensor:
-        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them)."""
+    def encode_image(self, image: Image.Image, gens: list[torch.Generator] | None) -> torch.Tensor:
+        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them); without
+        generators, the posterior's mean (the hires fix's image upscalers)."""
         x = pil_to_tensor(image).to(self.device, self.dtype)
         with self._on_device(self.model.vae) as vae:
             posterior = tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
+        if gens is None:
+            return posterior.mode().float() * self.config.latent_scale
         return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
 
     @torch.no_grad()
