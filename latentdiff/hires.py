@@ -129,10 +129,18 @@ def target_sizes(request, multiple: int) -> tuple[tuple[int, int], tuple[int, in
 
 
 def prepare(request, multiple: int):
-    """A prepared request's hires fields in A1111's spelling, its sizes checked against the model."""
+    """A prepared request's upscaler in A1111's spelling, its sizes checked against the model."""
     target_sizes(request, multiple)
-    sampler = request.hr_sampler_name and sampler_spec(request.hr_sampler_name)[0].name
-    return request.replace(hr_upscaler=upscaler_name(request.hr_upscaler), hr_sampler_name=sampler)
+    return request.replace(hr_upscaler=upscaler_name(request.hr_upscaler))
+
+
+def second_sampler(request) -> tuple[str, str]:
+    """(sampler, schedule) of a prepared request's second pass: hr_sampler_name's, with its own schedule or the
+    one its name carries ("DPM++ 2M Karras"), else the first pass's."""
+    if request.hr_sampler_name is None:
+        return request.sampler, request.schedule
+    spec, schedule = sampler_spec(request.hr_sampler_name)
+    return spec.name, schedule
 
 
 def infotext_fields(request, index: int) -> dict:
@@ -143,7 +151,7 @@ def infotext_fields(request, index: int) -> dict:
     i = index % len(request.prompts)
     prompts, negatives = second_prompts(request)
     resize = (request.hr_resize_x, request.hr_resize_y) if request.hr_resize_x or request.hr_resize_y else None
-    different = request.hr_sampler_name not in (None, request.sampler)
+    different = second_sampler(request) != (request.sampler, request.schedule)
     return dict(hr_scale=None if resize else request.hr_scale, hr_resize_x=resize and resize[0],
                 hr_resize_y=resize and resize[1], hr_second_pass_steps=request.hr_second_pass_steps or None,
                 hr_upscaler=request.hr_upscaler, hr_sampler_name=request.hr_sampler_name if different else None,
@@ -165,10 +173,7 @@ class SecondPass:
         self.upscale_size, (width, height) = target_sizes(request, pipe.size_multiple())
         self.steps = request.hr_second_pass_steps or request.steps
         prompts, negatives = second_prompts(request)
-        sampler, schedule = request.sampler, request.schedule
-        if request.hr_sampler_name is not None and request.hr_sampler_name != request.sampler:
-            spec, schedule = sampler_spec(request.hr_sampler_name)  # its own schedule (or its name's)
-            sampler = spec.name
+        sampler, schedule = second_sampler(request)
         self.request = request.replace(prompt=prompts, negative_prompt=negatives, sampler=sampler, schedule=schedule,
                                        steps=schedule_steps(self.steps, request.strength), width=width, height=height,
                                        enable_hr=False)

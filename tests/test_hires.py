@@ -245,3 +245,27 @@ def test_bad_hires_flags_are_one_line_exit_2_and_write_nothing(tmp_path, model_f
                             "-o", tmp_path / "out"], capsys)
     assert status == 2 and len(err) == 1 and err[0].startswith(f"latentdiff: error: {message}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_prompts_file_lines_and_flags_turn_the_hires_fix_on_by_giving_a_size(tmp_path):
+    from latentdiff.cli import build_parser
+    from latentdiff.jobs import command_jobs
+    (tmp_path / "p.txt").write_text('a cat\n{"prompt": "a dog", "hr_resize_x": 128, "hr_upscaler": "Nearest"}\n')
+    args = build_parser().parse_args(["txt2img", "--prompts-file", str(tmp_path / "p.txt")])
+    jobs, _ = command_jobs(args, "txt2img")
+    assert [(j.request.enable_hr, j.request.hr_resize_x, j.request.hr_upscaler) for j in jobs] == \
+        [(False, 0, "Latent"), (True, 128, "Nearest")]
+    args = build_parser().parse_args(["txt2img", "a cat", "--hr-resize-y", "128", "--hr-prompt", "a lion"])
+    (job,), _ = command_jobs(args, "txt2img")
+    assert (job.request.enable_hr, job.request.hr_resize_y, job.request.hr_prompt) == (True, 128, "a lion")
+
+
+def test_a_hires_sampler_keeps_the_schedule_its_name_carries(pipe):
+    from latentdiff.hires import second_sampler
+    request, _ = pipe.prepare(GenerationRequest(prompt="a", sampler="Euler", enable_hr=True,
+                                                hr_sampler_name="dpmpp_2m_karras"))
+    assert second_sampler(request) == ("DPM++ 2M", "karras")
+    assert "Hires sampler: dpmpp_2m_karras" in pipe.infotext(request, 0)
+    same, _ = pipe.prepare(GenerationRequest(prompt="a", sampler="DPM++ 2M Karras", enable_hr=True,
+                                             hr_sampler_name="DPM++ 2M Karras"))
+    assert "Hires sampler" not in pipe.infotext(same, 0)
