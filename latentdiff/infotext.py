@@ -245,8 +245,9 @@ def to_fields(info: Infotext) -> tuple[dict, list[str]]:
     strength (from Denoising strength: img2img's, or the hires fix's second pass's), and the hires fix's
     fields (enable_hr and HIRES_KEYS; an upscaler latentdiff lacks, such as ESRGAN, is left out and named as
     not honoured). A missing key leaves its field out, so the request's default applies. A value that
-    does not read as its type raises InputError naming the key and the value. The second list names, in the text's order, every key that is
-    neither mapped nor descriptive (Model, Version, ...): LoRA / TI hashes, unknown keys.
+    does not read as its type raises InputError naming the key and the value. The second list names,
+    in the text's order, every key that is neither mapped nor descriptive (Model, Version, ...): LoRA /
+    TI hashes, unknown keys.
     """
     params = info.params
     fields = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
