@@ -117,6 +117,9 @@ def _add_hires_flags(p, flag: dict) -> None:
                         f"default; its web UI starts at 0.7)", **flag)
     p.add_argument("--hr-sampler", dest="hr_sampler_name", metavar="NAME",
                    help="the second pass's sampler (default: --sampler)", **flag)
+    p.add_argument("--hr-schedule", dest="hr_scheduler", metavar="NAME",
+                   help="the second pass's sigma schedule (default: --schedule if given, else the sampler's own)",
+                   **flag)
     p.add_argument("--hr-prompt", help="the second pass's prompt (default: the prompt)", **flag)
     p.add_argument("--hr-negative-prompt", help="the second pass's negative prompt (default: the negative prompt)",
                    **flag)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import FieldError, InputError
-from .sampling import sampler_spec
+from .sampling import canonical_sampler_name, sampler_spec
+from .schedules import schedule_names
 
 # A1111's latent upscale modes: name -> (torch interpolation mode, antialias)
 LATENT_UPSCALERS = {
@@ -35,7 +36,7 @@ IMAGE_UPSCALERS = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
 UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 # the request fields that only mean something with enable_hr
 HIRES_FIELDS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name",
-                "hr_prompt", "hr_negative_prompt")
+                "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 MAX_SCALE = 8.0
 
 
@@ -82,6 +83,9 @@ def check_fields(request) -> None:
         if request.eta is not None and not spec.takes_eta:
             raise FieldError("hr_sampler_name", f"{request.hr_sampler_name!r} takes no eta, which this request "
                                                 f"sets: leave eta out or pick a sampler with a noise amount")
+    if request.hr_scheduler is not None and request.hr_scheduler not in schedule_names():
+        raise FieldError("hr_scheduler", f"unknown schedule {request.hr_scheduler!r}; choose one of "
+                                         f"{', '.join(schedule_names())}, or leave it out for the first pass's")
     for name, first in (("hr_prompt", request.prompts), ("hr_negative_prompt", request.negative_prompts)):
         value = getattr(request, name)
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -128,19 +132,19 @@ def target_sizes(request, multiple: int) -> tuple[tuple[int, int], tuple[int, in
     return up, final
 
 
-def prepare(request, multiple: int):
-    """A prepared request's upscaler in A1111's spelling, its sizes checked against the model."""
+def prepare(request, multiple: int, first_schedule: str | None):
+    """A prepared request's hires fields settled: sizes checked against the model, the upscaler and the second
+    pass's sampler in A1111's spelling, and its schedule resolved (so that a prepared request prepares the same
+    again): hr_scheduler, else the one the hires sampler's name carries ("DPM++ 2M Karras"), else the first
+    pass's as the request named it (`first_schedule`; A1111's hr_scheduler default), else the hires sampler's
+    own; without a hires sampler, the first pass's."""
     target_sizes(request, multiple)
-    return request.replace(hr_upscaler=upscaler_name(request.hr_upscaler))
-
-
-def second_sampler(request) -> tuple[str, str]:
-    """(sampler, schedule) of a prepared request's second pass: hr_sampler_name's, with its own schedule or the
-    one its name carries ("DPM++ 2M Karras"), else the first pass's."""
-    if request.hr_sampler_name is None:
-        return request.sampler, request.schedule
-    spec, schedule = sampler_spec(request.hr_sampler_name)
-    return spec.name, schedule
+    sampler, schedule = request.sampler, request.schedule  # the first pass's, resolved
+    if request.hr_sampler_name is not None:
+        sampler, suffix = canonical_sampler_name(request.hr_sampler_name)
+        schedule = suffix or first_schedule or sampler_spec(sampler)[1]
+    return request.replace(hr_upscaler=upscaler_name(request.hr_upscaler), hr_sampler_name=sampler,
+                           hr_scheduler=request.hr_scheduler or schedule)
 
 
 def infotext_fields(request, index: int) -> dict:
@@ -151,10 +155,11 @@ def infotext_fields(request, index: int) -> dict:
     i = index % len(request.prompts)
     prompts, negatives = second_prompts(request)
     resize = (request.hr_resize_x, request.hr_resize_y) if request.hr_resize_x or request.hr_resize_y else None
-    different = second_sampler(request) != (request.sampler, request.schedule)
     return dict(hr_scale=None if resize else request.hr_scale, hr_resize_x=resize and resize[0],
                 hr_resize_y=resize and resize[1], hr_second_pass_steps=request.hr_second_pass_steps or None,
-                hr_upscaler=request.hr_upscaler, hr_sampler_name=request.hr_sampler_name if different else None,
+                hr_upscaler=request.hr_upscaler,
+                hr_sampler_name=request.hr_sampler_name if request.hr_sampler_name != request.sampler else None,
+                hr_scheduler=request.hr_scheduler if request.hr_scheduler != request.schedule else None,
                 hr_prompt=prompts[i] if prompts[i] != request.prompts[i] else None,
                 hr_negative_prompt=negatives[i] if negatives[i] != request.negative_prompts[i] else None)
 
@@ -165,16 +170,16 @@ def schedule_steps(steps: int, strength: float) -> int:
 
 
 class SecondPass:
-    """The hires pass of a prepared request: built once per request (prompts encoded once), called per batch
-    with the first pass's latents."""
+    """The hires pass of a prepared request (hires.prepare): built once per request (prompts encoded once),
+    called per batch with the first pass's latents."""
 
     def __init__(self, pipe, request, conds):
         self.pipe = pipe
         self.upscale_size, (width, height) = target_sizes(request, pipe.size_multiple())
         self.steps = request.hr_second_pass_steps or request.steps
         prompts, negatives = second_prompts(request)
-        sampler, schedule = second_sampler(request)
-        self.request = request.replace(prompt=prompts, negative_prompt=negatives, sampler=sampler, schedule=schedule,
+        self.request = request.replace(prompt=prompts, negative_prompt=negatives, schedule=request.hr_scheduler,
+                                       sampler=request.hr_sampler_name or request.sampler,
                                        steps=schedule_steps(self.steps, request.strength), width=width, height=height,
                                        enable_hr=False)
         same = prompts == request.prompts and negatives == request.negative_prompts

@@ -213,12 +213,13 @@ SCALAR_KEYS = {
 # The hires fix's keys (hires.py) -> (request field, value type); Hires resize is two fields, read below. A1111
 # pastes an infotext with the hires fix on when it has Hires upscale, Hires upscaler or Hires resize.
 HIRES_KEYS = {
-    "Hires sampler": ("hr_sampler_name", str), "Hires prompt": ("hr_prompt", str),
+    "Hires sampler": ("hr_sampler_name", str), "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str), "Hires upscale": ("hr_scale", float),
     "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
 }
-HIRES_ORDER = ("Hires sampler", "Hires prompt", "Hires negative prompt", "Hires upscale", "Hires resize",
-               "Hires steps", "Hires upscaler")  # as A1111 adds them
+HIRES_ORDER = ("Hires sampler", "Hires prompt", "Hires negative prompt", "Hires schedule type", "Hires upscale",
+               "Hires resize", "Hires steps", "Hires upscaler")  # as A1111 adds them
 HIRES_SWITCHES = ("Hires upscale", "Hires upscaler", "Hires resize")
 _HIRES_RESIZE = re.compile(r"([0-9]{1,9})\s*x\s*([0-9]{1,9})")
 # Keys that describe the image without directing its generation: never worth a warning. (Lora and
@@ -297,6 +298,7 @@ def from_fields(fields: dict, extra: dict | None = None) -> str:
         if fields.get(field) is not None and not (field == "clip_skip" and fields[field] == 1):
             params[key] = fields[field]
     written = {key: fields.get(field) for field, key in hires.items()}
+    written["Hires schedule type"] = _schedule_label(fields.get("hr_scheduler"))
     if fields.get("hr_resize_x") is not None:
         written["Hires resize"] = f"{fields['hr_resize_x']}x{fields['hr_resize_y']}"
     if fields.get("enable_hr") and not any(written.get(key) is not None for key in HIRES_SWITCHES):
@@ -316,6 +318,9 @@ def _read_hires(params: dict) -> dict:
     for key, (field, kind) in HIRES_KEYS.items():
         if key in params:
             fields[field] = params[key] if kind is str else _read_number(key, params[key], kind)
+    label = fields.pop("hr_scheduler", "").strip()
+    if label and label.lower() != "automatic":
+        fields["hr_scheduler"] = _schedule_name(label)
     if fields.get("hr_upscaler", "").lower() not in {name.lower() for name in UPSCALERS}:
         fields.pop("hr_upscaler", None)  # e.g. R-ESRGAN 4x+: named as not honoured, the default replays
     if "Hires resize" in params:

@@ -17,13 +17,15 @@ FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width"
          "vae_tiling": "--vae-tiling", "offload": "--offload",
          "enable_hr": "--hr-scale", "hr_scale": "--hr-scale", "hr_resize_x": "--hr-resize-x",
          "hr_resize_y": "--hr-resize-y", "hr_upscaler": "--hr-upscaler", "hr_second_pass_steps": "--hr-steps",
-         "hr_sampler_name": "--hr-sampler", "hr_prompt": "--hr-prompt", "hr_negative_prompt": "--hr-negative-prompt"}
+         "hr_sampler_name": "--hr-sampler", "hr_scheduler": "--hr-schedule", "hr_prompt": "--hr-prompt",
+         "hr_negative_prompt": "--hr-negative-prompt"}
 # the fields whose flag (or prompts-file key) turns the hires fix on: A1111's enable_hr
 HIRES_SWITCHES = ("hr_scale", "hr_resize_x", "hr_resize_y")
 # the per-line options of a JSON prompts file: the request's plain fields
 JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
             "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode", "enable_hr", "hr_scale",
-            "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name", "hr_prompt",
+            "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler",
+            "hr_prompt",
             "hr_negative_prompt")
 
 

@@ -238,7 +238,7 @@ class Pipeline:
                                    batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode))
         prepared.check_size(multiple)
         if prepared.enable_hr:
-            prepared = hires.prepare(prepared, multiple)
+            prepared = hires.prepare(prepared, multiple, request.schedule)
         return prepared, notes
 
     @torch.no_grad()

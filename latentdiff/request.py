@@ -56,6 +56,7 @@ class GenerationRequest:
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = 0  # 0: steps
     hr_sampler_name: str | None = None  # None: the sampler
+    hr_scheduler: str | None = None  # a schedule name; None: the first pass's if named, else hr_sampler_name's
     hr_prompt: str | list[str] = ""  # "": the prompt
     hr_negative_prompt: str | list[str] = ""
 

@@ -83,6 +83,7 @@ def test_bad_target_sizes_name_their_field(fields, field, message):
     (dict(enable_hr=True, hr_sampler_name="nonsense"), "hr_sampler_name", "nonsense"),
     (dict(enable_hr=True, hr_sampler_name="Euler", eta=0.5, sampler="Euler a"), "hr_sampler_name", "takes no eta"),
     (dict(enable_hr=True, hr_prompt=["a", "b"]), "hr_prompt", "has 2 entries for 1 prompts"),
+    (dict(enable_hr=True, hr_scheduler="Karras!"), "hr_scheduler", "unknown schedule 'Karras!'"),
     (dict(enable_hr=True, init_image=Image.new("RGB", (64, 64))), "enable_hr", "is a txt2img option"),
     (dict(enable_hr="yes"), "enable_hr", "must be True or False"),
 ])
@@ -196,6 +197,7 @@ def test_an_a1111_hires_infotext_reads_as_fields():
 def test_hires_fields_survive_writing_and_reading():
     fields = dict(prompt="a", steps=4, sampler="Euler", seed=1, width=64, height=64, strength=0.5, hr_resize_x=128,
                   hr_resize_y=192, hr_upscaler="Nearest", hr_second_pass_steps=2, hr_sampler_name="DDIM",
+                  hr_scheduler="karras",
                   hr_negative_prompt="ugly, dull")
     back, unhonoured = to_fields(parse_parameters(from_fields(fields)))
     assert unhonoured == [] and back.pop("enable_hr") is True
@@ -260,12 +262,33 @@ def test_prompts_file_lines_and_flags_turn_the_hires_fix_on_by_giving_a_size(tmp
     assert (job.request.enable_hr, job.request.hr_resize_y, job.request.hr_prompt) == (True, 128, "a lion")
 
 
-def test_a_hires_sampler_keeps_the_schedule_its_name_carries(pipe):
-    from latentdiff.hires import second_sampler
+@pytest.mark.parametrize("first, hr, schedule", [
+    (dict(sampler="Euler"), dict(hr_sampler_name="dpmpp_2m_karras"), ("DPM++ 2M", "karras")),  # its name's
+    (dict(sampler="Euler", schedule="exponential"), dict(hr_sampler_name="DPM++ 2M"), ("DPM++ 2M", "exponential")),
+    (dict(sampler="Euler", schedule="exponential"), dict(hr_sampler_name="DDIM", hr_scheduler="karras"),
+     ("DDIM", "karras")),
+    (dict(sampler="Euler a", schedule="karras"), dict(), ("Euler a", "karras")),
+])
+def test_the_second_pass_schedule_follows_a1111(pipe, first, hr, schedule):
+    """hr_scheduler, else the hires sampler name's suffix, else the first pass's schedule if it named one (A1111's
+    hr_scheduler default), else the hires sampler's own; resolved once, so a prepared request prepares the same."""
+    request, _ = pipe.prepare(GenerationRequest(prompt="a", enable_hr=True, **first, **hr))
+    assert (request.hr_sampler_name, request.hr_scheduler) == schedule
+    again, _ = pipe.prepare(request)
+    assert (again.hr_sampler_name, again.hr_scheduler) == schedule
+
+
+def test_a_hires_sampler_and_schedule_are_written_where_they_differ(pipe):
     request, _ = pipe.prepare(GenerationRequest(prompt="a", sampler="Euler", enable_hr=True,
                                                 hr_sampler_name="dpmpp_2m_karras"))
-    assert second_sampler(request) == ("DPM++ 2M", "karras")
-    assert "Hires sampler: dpmpp_2m_karras" in pipe.infotext(request, 0)
+    assert "Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires upscale: 2" in pipe.infotext(request, 0)
+    fields, unhonoured = to_fields(parse_parameters(pipe.infotext(request, 0)))
+    assert (fields["hr_sampler_name"], fields["hr_scheduler"], unhonoured) == ("DPM++ 2M", "karras", [])
     same, _ = pipe.prepare(GenerationRequest(prompt="a", sampler="DPM++ 2M Karras", enable_hr=True,
                                              hr_sampler_name="DPM++ 2M Karras"))
-    assert "Hires sampler" not in pipe.infotext(same, 0)
+    assert "Hires s" not in pipe.infotext(same, 0)
+    automatic, _ = pipe.prepare(GenerationRequest(prompt="a", sampler="Euler", enable_hr=True, hr_sampler_name="DDIM"))
+    # the first pass named none: DDIM's own schedule, not the first pass's normal, and recorded so a replay keeps it
+    assert automatic.hr_scheduler != automatic.schedule == "normal"
+    fields, _ = to_fields(parse_parameters(pipe.infotext(automatic, 0)))
+    assert (fields["hr_sampler_name"], fields["hr_scheduler"]) == ("DDIM", automatic.hr_scheduler)

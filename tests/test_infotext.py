@@ -333,7 +333,7 @@ def mutate(text: str, rng: random.Random) -> str:
 FIELD_TYPES = {"prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "schedule": (str, type(None)),
                "cfg_scale": float, "seed": int, "width": int, "height": int, "clip_skip": int, "eta": float,
                "strength": float, "enable_hr": bool, "hr_scale": float, "hr_resize_x": int, "hr_resize_y": int,
-               "hr_upscaler": str, "hr_second_pass_steps": int, "hr_sampler_name": str, "hr_prompt": str,
+               "hr_upscaler": str, "hr_second_pass_steps": int, "hr_sampler_name": str, "hr_scheduler": str, "hr_prompt": str,
                "hr_negative_prompt": str}
 
 
