@@ -37,7 +37,7 @@ UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 # the request fields that only mean something with enable_hr
 HIRES_FIELDS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name",
                 "hr_scheduler", "hr_prompt", "hr_negative_prompt")
-MAX_SCALE = 8.0
+MAX_SCALE = 8.0  # a guard against typos (A1111's slider stops at 4); the cap on the sides decides the rest
 
 
 def upscaler_name(name) -> str:
@@ -128,7 +128,7 @@ def target_sizes(request, multiple: int) -> tuple[tuple[int, int], tuple[int, in
                                    f"of {multiple} between {MIN_SIDE} and {MAX_SIDE}")
     if max(up) > MAX_SIDE:
         raise FieldError(names[0], f"needs an upscale to {up[0]}x{up[1]} before the crop to {how}: over "
-                               f"{MAX_SIDE} px; choose a size closer to the first pass's aspect ratio")
+                                   f"{MAX_SIDE} px; choose a size closer to the first pass's aspect ratio")
     return up, final
 
 
@@ -149,14 +149,15 @@ def prepare(request, multiple: int, first_schedule: str | None):
 
 def infotext_fields(request, index: int) -> dict:
     """The hires keys of image `index` (infotext.from_fields names), as A1111 writes them: Hires upscale or
-    Hires resize, Hires steps when set, the upscaler, and sampler and prompts only where they differ."""
+    Hires resize, Hires steps when set, the upscaler, and sampler, schedule and prompts where they differ."""
     if not request.enable_hr:
         return {}
     i = index % len(request.prompts)
     prompts, negatives = second_prompts(request)
-    resize = (request.hr_resize_x, request.hr_resize_y) if request.hr_resize_x or request.hr_resize_y else None
-    return dict(hr_scale=None if resize else request.hr_scale, hr_resize_x=resize and resize[0],
-                hr_resize_y=resize and resize[1], hr_second_pass_steps=request.hr_second_pass_steps or None,
+    x, y = request.hr_resize_x, request.hr_resize_y
+    resized = bool(x or y)  # A1111 writes Hires resize then, else Hires upscale
+    return dict(hr_scale=None if resized else request.hr_scale, hr_resize_x=x if resized else None,
+                hr_resize_y=y if resized else None, hr_second_pass_steps=request.hr_second_pass_steps or None,
                 hr_upscaler=request.hr_upscaler,
                 hr_sampler_name=request.hr_sampler_name if request.hr_sampler_name != request.sampler else None,
                 hr_scheduler=request.hr_scheduler if request.hr_scheduler != request.schedule else None,
