@@ -177,14 +177,14 @@ def prompt_parts(prompt: str, steps: int, *, negative: bool = False) -> list[Par
     return [Part(weight, tuple(scheduled_prompts(text, steps))) for text, weight in parts]
 
 
-def fixed_text(prompt: str, parts: list[Part], *, negative: bool = False) -> str | None:
+def fixed_text(prompt: str, parts: list[Part]) -> str | None:
     """The one text a prompt always means, or None if it changes between steps or has AND parts or a
-    weight (those need ScheduledCFGDenoiser). A prompt the pass leaves as it was is returned verbatim,
-    so it gives exactly the features it gave before the pass existed."""
+    weight (those need ScheduledCFGDenoiser). A prompt the pass leaves as it was (trailing whitespace
+    aside) is returned verbatim, so it gives exactly the features it gave before the pass existed."""
     if len(parts) != 1 or parts[0].weight != 1.0 or len(parts[0].schedule) != 1:
         return None
     text = parts[0].schedule[0][1]
-    return prompt if text == (prompt if negative else composable_parts(prompt)[0][0]) else text
+    return prompt if text in (prompt, prompt.rstrip()) else text
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,7 @@ class PromptPlan:
         guided = cfg_scale != 1.0 or any(len(parts) != 1 or parts[0].weight != 1.0 for parts in cond)
         uncond = [prompt_parts(p, steps, negative=True) for p in negatives] if guided else None
         return cls([fixed_text(p, parts) for p, parts in zip(prompts, cond)],
-                   [fixed_text(p, parts, negative=True) for p, parts in zip(negatives, uncond)] if guided
-                   else negatives,
+                   [fixed_text(p, parts) for p, parts in zip(negatives, uncond)] if guided else negatives,
                    cond, uncond)
 
     @property
