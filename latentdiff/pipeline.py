@@ -294,7 +294,7 @@ class Pipeline:
         """The same short hash of the swapped-in VAE's file."""
         return model_hash(self.vae_source) if self.vae_source else None
 
-    def _conditioning(self, request: GenerationRequest) -> tuple[Cond, Cond | None]:
+    def _conditioning(self, request: GenerationRequest) -> tuple[Cond | ScheduledText, Cond | ScheduledText | None]:
         """The (cond, uncond) records of a request's prompts; uncond None without guidance. Prompts with
         editing, alternation or AND give ScheduledText records instead (prompt_schedule.py)."""
         spec, _ = request.sampler_spec

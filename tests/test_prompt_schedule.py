@@ -11,7 +11,7 @@ from latentdiff import prompt_schedule
 from latentdiff.pipeline import Pipeline
 from latentdiff.prompt_schedule import (PromptPlan, ScheduledCFGDenoiser, ScheduledText, composable_parts,
                                         scheduled_prompts)
-from latentdiff.sampling import sampler_spec
+from latentdiff.sampling import SAMPLERS, sample_plms, sampler_spec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -136,12 +136,17 @@ def test_euler_counts_one_step_per_call_from_zero():
     assert calls == [["n", "a"]] * 3 + [["m", "a"]] * 3 + [["m", "b"]] * 4  # [uncond, cond] per call
 
 
-@pytest.mark.parametrize("sampler", ["Heun", "DPM2", "DPM++ 2S a", "DPM++ SDE"])
-def test_second_order_samplers_count_calls_against_twice_the_steps(sampler):
-    """A1111 schedules them over 2 x steps and counts model calls: 5 steps make 9 calls (the last step is
-    one Euler call), and "[a:b:0.5]" switches after call 5, in the middle of the third step."""
-    calls = texts_per_call("[a:b:0.5]", "", sampler, 5)
-    assert [cond for _, cond in calls] == ["a"] * 6 + ["b"] * 3
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_gets_the_schedule_of_its_calls(sampler):
+    """Each sampler's model calls, counted from 0 against steps x (2 if second order): "[a:b:0.5]" gives "a"
+    to calls 0 to half that count. Second-order samplers (A1111 schedules them over 2 x steps) call twice
+    a step but once onto 0, so 6 steps make 11 calls and the switch comes after call 6, in the fourth
+    step; PLMS makes one extra call in its first step."""
+    spec, steps = SAMPLERS[sampler], 6
+    calls = [cond for _, cond in texts_per_call("[a:b:0.5]", "", sampler, steps)]
+    expected_calls = {True: 2 * steps - 1, False: steps + (spec.fn is sample_plms)}[spec.second_order]
+    switch = int(0.5 * steps * (2 if spec.second_order else 1))
+    assert calls == ["a"] * (switch + 1) + ["b"] * (expected_calls - switch - 1)
 
 
 def test_alternation_switches_every_call_after_the_first_two():
@@ -257,3 +262,9 @@ def test_batch_of_scheduled_and_plain_prompts(pipe):
         # batch of plain prompts differs from its single runs by up to 1.5e-4 as well (measured, AMD EPYC)
         torch.testing.assert_close(batch.latents[i], single.latents[0], rtol=1e-5, atol=5e-4)
     assert not np.array_equal(np.asarray(batch.images[0]), np.asarray(batch.images[2]))
+
+
+def test_every_iteration_counts_its_steps_from_zero(pipe):
+    """n_iter runs share the encoded texts, each with a fresh call count: iteration 2 is the run of its seed."""
+    both = run(pipe, "a [cat:dog:0.5]", seed=20, n_iter=2)
+    assert torch.equal(both.latents[1], run(pipe, "a [cat:dog:0.5]", seed=21).latents[0])
