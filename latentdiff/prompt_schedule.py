@@ -14,6 +14,7 @@ full `steps`. The grammar and the step arithmetic follow A1111's (current, not "
 code is our own. A prompt that does not parse as the grammar (a `|` outside brackets) is one plain text.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -41,64 +42,66 @@ class _Alternate:
     options: list[list]
 
 
-def _prompt(s: str, i: int) -> tuple[list, int]:
-    """A run of text and complete bracket groups from i; stops at the first character that is neither."""
-    nodes: list = []
-    while i < len(s):
-        if match := _PLAIN.match(s, i):
-            nodes.append(match.group())
-            i = match.end()
-        elif s[i] in "([" and (group := _bracket(s, i)) is not None:
-            nodes += group[0]
-            i = group[1]
-        else:
-            break
-    return nodes, i
-
-
-def _bracket(s: str, i: int) -> tuple[list, int] | None:
-    """The group opening at s[i]: emphasis (kept as written), an edit or an alternation; None if s[i:]
-    does not start a complete one."""
-    def at(j, char):
-        return j < len(s) and s[j] == char
-
-    first, j = _prompt(s, i + 1)
-    if s[i] == "(":
-        if at(j, ")"):
-            return ["(", *first, ")"], j + 1
-        if at(j, ":"):
-            weight, k = _prompt(s, j + 1)
-            if at(k, ")"):
-                return ["(", *first, ":", *weight, ")"], k + 1
-        return None
-    if at(j, "]"):
-        return ["[", *first, "]"], j + 1
-    if at(j, "|"):
-        options = [first]
-        while at(j, "|"):
-            option, j = _prompt(s, j + 1)
-            options.append(option)
-        return ([_Alternate(options)], j + 1) if at(j, "]") else None
-    if at(j, ":"):
-        if when := _WHEN.match(s, j + 1):
-            return [_Edit(None, first, when.group(1))], when.end()
-        second, k = _prompt(s, j + 1)
-        if at(k, ":") and (when := _WHEN.match(s, k + 1)):
-            return [_Edit(first, second, when.group(1))], when.end()
-    return None
-
-
 def _tree(prompt: str) -> list | None:
     """The prompt as text, edits and alternations; a bracket or colon that closes nothing is text. None
     when it is not A1111's grammar (a "|" outside brackets, a lone trailing backslash)."""
+    s = prompt
+
+    def at(j: int, char: str) -> bool:
+        return j < len(s) and s[j] == char
+
+    @functools.cache  # each position is parsed once however often a failed group is retried
+    def run(i: int) -> tuple[list, int]:
+        """A run of text and complete bracket groups from i, up to the first character that is neither."""
+        nodes: list = []
+        while i < len(s):
+            if match := _PLAIN.match(s, i):
+                nodes.append(match.group())
+                i = match.end()
+            elif s[i] in "([" and (group := bracket(i)) is not None:
+                nodes += group[0]
+                i = group[1]
+            else:
+                break
+        return nodes, i
+
+    @functools.cache
+    def bracket(i: int) -> tuple[list, int] | None:
+        """The group opening at s[i]: emphasis (kept as written), an edit or an alternation; None if s[i:]
+        does not start a complete one."""
+        first, j = run(i + 1)
+        if s[i] == "(":
+            if at(j, ")"):
+                return ["(", *first, ")"], j + 1
+            if at(j, ":"):
+                weight, k = run(j + 1)
+                if at(k, ")"):
+                    return ["(", *first, ":", *weight, ")"], k + 1
+            return None
+        if at(j, "]"):
+            return ["[", *first, "]"], j + 1
+        if at(j, "|"):
+            options = [first]
+            while at(j, "|"):
+                option, j = run(j + 1)
+                options.append(option)
+            return ([_Alternate(options)], j + 1) if at(j, "]") else None
+        if at(j, ":"):
+            if when := _WHEN.match(s, j + 1):
+                return [_Edit(None, first, when.group(1))], when.end()
+            second, k = run(j + 1)
+            if at(k, ":") and (when := _WHEN.match(s, k + 1)):
+                return [_Edit(first, second, when.group(1))], when.end()
+        return None
+
     nodes, i = [], 0
-    while i < len(prompt):
-        part, i = _prompt(prompt, i)
+    while i < len(s):
+        part, i = run(i)
         nodes += part
-        if i < len(prompt):
-            if prompt[i] not in "[]():":
+        if i < len(s):
+            if s[i] not in "[]():":
                 return None
-            nodes.append(prompt[i])
+            nodes.append(s[i])
             i += 1
     return nodes
 
@@ -148,10 +151,13 @@ def scheduled_prompts(prompt: str, steps: int, hires_steps: int | None = None) -
     pass's: an integer `when` counts from the first pass's start, a fraction from 1.0 (A1111's rule)."""
     offsets = (0, 0.0) if hires_steps is None else (steps, 1.0)
     steps = steps if hires_steps is None else hires_steps
-    nodes = _tree(prompt)
-    if nodes is None:
-        return [(steps, prompt)]
-    return [(end, _text_at(nodes, end)) for end in _steps_of(nodes, steps, *offsets)]
+    try:
+        nodes = _tree(prompt)
+        if nodes is not None:
+            return [(end, _text_at(nodes, end)) for end in _steps_of(nodes, steps, *offsets)]
+    except RecursionError:  # brackets nested hundreds deep: read as text rather than fail
+        pass
+    return [(steps, prompt)]
 
 
 def composable_parts(prompt: str) -> list[tuple[str, float]]:

@@ -91,6 +91,12 @@ def test_extra_network_tags_are_text_here():
     assert scheduled_prompts("[<lora:ink:0.8>:3]", 10) == [(10, "[<lora:ink:0.8>:3]")]
 
 
+def test_brackets_nested_too_deep_are_text_not_an_error():
+    """A prompt from the wild nesting hundreds of brackets is read as one plain text, never a traceback."""
+    for prompt in ["[" * 3000 + "a", "[a:" * 600 + "b" + ":1]" * 600]:
+        assert scheduled_prompts(prompt, 10) == [(10, prompt)]
+
+
 def test_plain_prompts_keep_their_own_text():
     plan = PromptPlan.of(["a (red:1.2) cat BREAK x ", "[a:b:99]", "a cat :1"], ["blurry AND noisy"] * 3, 20, 7.0)
     assert not plan.scheduled
