@@ -36,6 +36,16 @@ pytestmark = pytest.mark.usefixtures("single_thread")
     # parse it (a "|" outside a complete [a|b]), so that prompt is one plain text, as here:
     ("a [{b|d{:.5] c", [(10, "a [{b|d{:.5] c")]),
     ("a | b", [(10, "a | b")]),
+    # further pairs, checked against A1111's grammar run by lark (the parser A1111 uses):
+    ("[a:b:c:3]", [(10, "[a:b:c:3]")]),          # one colon too many: text
+    ("[a|b:3]", [(10, "[a|b:3]")]),
+    ("a [b:c:.5", [(10, "a [b:c:.5")]),          # never closed
+    ("\\[a:b:3\\]", [(10, "\\[a:b:3\\]")]),  # escaped brackets stay text (prompts.parse unescapes them)
+    ("[a\\:b:c:3]", [(3, "a\\:b"), (10, "c")]),
+    ("[a:b:3 ]", [(3, "a"), (10, "b")]),
+    ("a[2:-1]b", [(10, "a2b")]),                 # a step before the first: `to` from the start
+    ("[a:b:1e1]", [(10, "a")]),                  # no decimal point: step 10
+    ("[[a|b]:c:5]", [(1, "a"), (2, "b"), (3, "a"), (4, "b"), (5, "a")] + [(s, "c") for s in range(6, 11)]),
 ])
 def test_schedules_match_a1111_examples(prompt, expected):
     assert scheduled_prompts(prompt, 10) == expected
