@@ -14,13 +14,15 @@ full `steps`. The grammar and the step arithmetic follow A1111's (current, not "
 code is our own. A prompt that does not parse as the grammar (a `|` outside brackets) is one plain text.
 """
 
+import dataclasses
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from .conditioning import Cond
+from .conditioning import Cond, Control, map_tensors
+from .errors import InputError
 
 # the number closing an edit: optional whitespace, a signed int or decimal (exponent allowed), "]"
 _WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*]")
@@ -196,13 +198,19 @@ def fixed_text(prompt: str, parts: list[Part]) -> str | None:
 @dataclass(frozen=True)
 class ScheduledText:
     """Text conditioning that changes with the step: `features` (texts, tokens, C) of every distinct text,
-    and per image its parts as (weight, until steps, rows of `features`)."""
+    and per image its parts as (weight, until steps, rows of `features`). `parts`: the Cond fields besides
+    the context (concat, y, control) as one (B, ...) batch, shared by all of an image's AND parts."""
 
     features: torch.Tensor
     images: tuple[tuple[tuple[float, tuple[int, ...], tuple[int, ...]], ...], ...]
+    parts: dict = field(default_factory=dict)
 
-    def at(self, step: int) -> tuple[torch.Tensor, list[int], list[float]]:
-        """(context of every part, the image each part belongs to, the parts' weights) at model call
+    def with_parts(self, **parts) -> "ScheduledText":
+        """These records with other Cond fields set, as `Cond(context, concat=...)` sets them."""
+        return dataclasses.replace(self, parts=self.parts | parts)
+
+    def at(self, step: int) -> tuple[Cond, list[int], list[float]]:
+        """(the Cond of every part, the image each part belongs to, the parts' weights) at model call
         `step`; past the schedule's end the last text holds."""
         rows, owners, weights = [], [], []
         for image, parts in enumerate(self.images):
@@ -211,7 +219,7 @@ class ScheduledText:
                 rows.append(part_rows[index])
                 owners.append(image)
                 weights.append(weight)
-        return self.features[rows], owners, weights
+        return Cond(context=self.features[rows], **map_tensors(self.parts, lambda t: t[owners])), owners, weights
 
 
 @dataclass(frozen=True)
@@ -271,14 +279,31 @@ class ScheduledCFGDenoiser:
         step, self.calls = self.calls, self.calls + 1
         sigma = torch.as_tensor(sigma)  # stays where the sampler keeps it (the host), as in CFGDenoiser
         sigma = (sigma if sigma.is_floating_point() else sigma.float()).expand(x.shape[0])
-        context, owners, weights = cond.at(step)
+        parts, owners, weights = cond.at(step)
         owners = torch.tensor(owners)
         index = owners.to(x.device)
         if uncond is None:
-            return self.denoiser(x[index], sigma[owners], Cond(context=context))
-        u_context = uncond.at(step)[0]
+            return self.denoiser(x[index], sigma[owners], parts)
         both = self.denoiser(torch.cat([x, x[index]]), torch.cat([sigma, sigma[owners]]),
-                             Cond(context=torch.cat([u_context, context])))
+                             _rows_of_both(uncond.at(step)[0], parts))
         d_uncond, d_cond = both[:x.shape[0]], both[x.shape[0]:]
         scale = torch.tensor(weights, dtype=both.dtype, device=both.device).view(-1, *[1] * (x.ndim - 1))
         return d_uncond.index_add(0, index, (d_cond - d_uncond[index]) * (scale * cfg_scale))
+
+
+def _rows_of_both(first, second):
+    """One record of `first`'s rows, then `second`'s, field by field (uncond has one row per image, cond one
+    per AND part: unlike conditioning.cat_conds, the batches differ in size)."""
+    if first is None or second is None:
+        if first is not second:
+            raise InputError("prompt scheduling: a conditioning part is set on the cond record and not on the "
+                             "uncond one, or the reverse; set it on both (ScheduledText.with_parts)")
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, (Cond, Control)):
+        return type(first)(**{f.name: _rows_of_both(getattr(first, f.name), getattr(second, f.name))
+                              for f in fields(first)})
+    if isinstance(first, (tuple, list)):
+        return type(first)(_rows_of_both(a, b) for a, b in zip(first, second))
+    return first

@@ -8,6 +8,7 @@ import torch
 from tiny import SD1, tiny_model
 
 from latentdiff import prompt_schedule
+from latentdiff.errors import InputError
 from latentdiff.pipeline import Pipeline
 from latentdiff.prompt_schedule import (PromptPlan, ScheduledCFGDenoiser, ScheduledText, composable_parts,
                                         scheduled_prompts)
@@ -200,6 +201,27 @@ def test_and_guidance_is_uncond_plus_weighted_differences():
     d = {text: x * text + 3.0 for text in (1.0, 2.0, 3.0, 4.0, 5.0)}  # the prediction under each text value
     torch.testing.assert_close(got[0], (d[4] + 1.2 * cfg * (d[1] - d[4]) - 0.5 * cfg * (d[2] - d[4]))[0])
     torch.testing.assert_close(got[1], (d[5] + 2.0 * cfg * (d[3] - d[5]))[1])
+
+
+def test_other_cond_parts_go_with_every_and_part():
+    """A record's concat channels (an inpainting U-Net's mask and image) reach each AND part of its image,
+    uncond first, as CFGDenoiser batches them."""
+    features = torch.zeros(3, 1, 1)
+    concat = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 5, 2, 2)
+    cond = ScheduledText(features, (((1.0, (4,), (0,)), (0.5, (4,), (1,))), ((1.0, (4,), (2,)),)))
+    uncond = ScheduledText(features, (((1.0, (4,), (2,)),), ((1.0, (4,), (2,)),)))
+    seen = []
+
+    def network(x, sigma, cond):
+        seen.append(cond.concat[:, 0, 0, 0].tolist())
+        return x
+
+    ScheduledCFGDenoiser(network)(torch.zeros(2, 4, 2, 2), torch.tensor(1.0), cond=cond.with_parts(concat=concat),
+                                  uncond=uncond.with_parts(concat=concat), cfg_scale=7.0)
+    assert seen == [[0.0, 1.0, 0.0, 0.0, 1.0]]  # uncond of images 0 and 1, then the parts 0, 0, 1
+    with pytest.raises(InputError, match="set it on both"):
+        ScheduledCFGDenoiser(network)(torch.zeros(2, 4, 2, 2), torch.tensor(1.0), cond=cond.with_parts(concat=concat),
+                                      uncond=uncond, cfg_scale=7.0)
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------
