@@ -180,9 +180,9 @@ class Part:
     schedule: tuple[tuple[int, str], ...]
 
 
-def prompt_parts(prompt: str, steps: int, *, negative: bool = False) -> list[Part]:
+def prompt_parts(prompt: str, steps: int, *, negative: bool = False, hires_steps: int | None = None) -> list[Part]:
     parts = [(prompt, 1.0)] if negative else composable_parts(prompt)
-    return [Part(weight, tuple(scheduled_prompts(text, steps))) for text, weight in parts]
+    return [Part(weight, tuple(scheduled_prompts(text, steps, hires_steps))) for text, weight in parts]
 
 
 def fixed_text(prompt: str, parts: list[Part]) -> str | None:
@@ -234,12 +234,15 @@ class PromptPlan:
     uncond: list[list[Part]] | None
 
     @classmethod
-    def of(cls, prompts: list[str], negatives: list[str], steps: int, cfg_scale: float) -> "PromptPlan":
-        """`steps`: the schedule's length, A1111's (twice the sampling steps for second-order samplers)."""
-        cond = [prompt_parts(p, steps) for p in prompts]
+    def of(cls, prompts: list[str], negatives: list[str], steps: int, cfg_scale: float,
+           hires_steps: int | None = None) -> "PromptPlan":
+        """`steps`: the schedule's length, A1111's (twice the sampling steps for second-order samplers);
+        `hires_steps`: for a hires-fix second pass, its length counted the same way (`steps` is then the
+        first pass's), as scheduled_prompts takes it."""
+        cond = [prompt_parts(p, steps, hires_steps=hires_steps) for p in prompts]
         # guidance needs the negative prompt unless cfg is 1 and every image has one part of weight 1
         guided = cfg_scale != 1.0 or any(len(parts) != 1 or parts[0].weight != 1.0 for parts in cond)
-        uncond = [prompt_parts(p, steps, negative=True) for p in negatives] if guided else None
+        uncond = [prompt_parts(p, steps, negative=True, hires_steps=hires_steps) for p in negatives] if guided else None
         return cls([fixed_text(p, parts) for p, parts in zip(prompts, cond)],
                    [fixed_text(p, parts) for p, parts in zip(negatives, uncond)] if guided else negatives,
                    cond, uncond)

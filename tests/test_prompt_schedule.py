@@ -67,6 +67,9 @@ def test_hires_pass_schedules_as_a1111():
     assert scheduled_prompts("a [b:.5] c", 10, hires_steps=10) == [(10, "a b c")]
     assert scheduled_prompts("a [b:1.5] c", 10, hires_steps=10) == [(5, "a  c"), (10, "a b c")]
     assert scheduled_prompts("a [b:15] c", 10, hires_steps=10) == [(5, "a  c"), (10, "a b c")]
+    plan = PromptPlan.of(["a [b:1.5] c"], ["[x:y:12]"], 10, 7.0, hires_steps=10)
+    assert plan.cond[0][0].schedule == ((5, "a  c"), (10, "a b c")) and plan.uncond[0][0].schedule == (
+        (2, "x"), (10, "y"))
 
 
 def test_wiki_examples():
