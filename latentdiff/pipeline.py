@@ -24,6 +24,7 @@ from .loader import load_model, model_hash, swap_vae, vae_name
 from .memory import keep_freed_memory
 from .model import StableDiffusion
 from .patches import apply_patches
+from .prompt_schedule import PromptPlan, ScheduledCFGDenoiser, ScheduledText
 from .prompts import count_chunks, encode_prompts, used_embeddings
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
@@ -187,7 +188,8 @@ class Pipeline:
 
         acp = alphas_cumprod_for(self.config)  # on the host, as the sigmas
         base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
-        return CFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
+        guide = ScheduledCFGDenoiser(base) if isinstance(cond, ScheduledText) else CFGDenoiser(base)
+        return guide, dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -299,16 +301,23 @@ class Pipeline:
         """The same short hash of the swapped-in VAE's file."""
         return model_hash(self.vae_source) if self.vae_source else None
 
-    def _conditioning(self, request: GenerationRequest) -> tuple[Cond, Cond | None]:
-        """The (cond, uncond) records of a request's prompts; uncond None without guidance."""
+    def _conditioning(self, request: GenerationRequest) -> tuple[Cond | ScheduledText, Cond | ScheduledText | None]:
+        """The (cond, uncond) records of a request's prompts; uncond None without guidance. Prompts with
+        editing, alternation or AND give ScheduledText records instead (prompt_schedule.py)."""
+        spec, _ = request.sampler_spec
+        plan = PromptPlan.of(request.prompts, request.negative_prompts,
+                             request.steps * (2 if spec.second_order else 1), request.cfg_scale)
+        if plan.scheduled:
+            return plan.encode(lambda texts, chunks: self.encode_prompt(texts, request.clip_skip, chunks),
+                               lambda texts: count_chunks(texts, self.model.tokenizer, self.embeddings))
+        prompts, negatives = plan.prompts, plan.negatives
         chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
         if request.cfg_scale != 1.0:
-            chunks = count_chunks(request.prompts + request.negative_prompts, self.model.tokenizer,
-                                  self.embeddings)
-        cond = Cond(context=self.encode_prompt(request.prompts, request.clip_skip, chunks))
+            chunks = count_chunks(prompts + negatives, self.model.tokenizer, self.embeddings)
+        cond = Cond(context=self.encode_prompt(prompts, request.clip_skip, chunks))
         uncond = None
         if request.cfg_scale != 1.0:
-            uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip, chunks))
+            uncond = Cond(context=self.encode_prompt(negatives, request.clip_skip, chunks))
         return cond, uncond
 
     def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
