@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import FieldError, InputError
+from .prompt_schedule import ScheduledText
 from .sampling import canonical_sampler_name, sampler_spec
 from .schedules import schedule_names
 
@@ -184,7 +185,9 @@ class SecondPass:
                                        steps=schedule_steps(self.steps, request.strength), width=width, height=height,
                                        enable_hr=False)
         same = prompts == request.prompts and negatives == request.negative_prompts
-        self.conds = conds if same else pipe._conditioning(self.request)
+        scheduled = any(isinstance(c, ScheduledText) for c in conds)  # edits count the second pass's steps
+        self.conds = conds if same and not scheduled else pipe._conditioning(
+            self.request.replace(steps=request.steps), hires_steps=self.steps)
 
     def __call__(self, latents: torch.Tensor, seeds: list[int], notes: list[str], **run) -> torch.Tensor:
         """The refined latents at the hires size; `run`: _sample's callback, progress and noise_device."""

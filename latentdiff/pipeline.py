@@ -301,12 +301,15 @@ class Pipeline:
         """The same short hash of the swapped-in VAE's file."""
         return model_hash(self.vae_source) if self.vae_source else None
 
-    def _conditioning(self, request: GenerationRequest) -> tuple[Cond | ScheduledText, Cond | ScheduledText | None]:
+    def _conditioning(self, request: GenerationRequest, hires_steps: int | None = None
+                      ) -> tuple[Cond | ScheduledText, Cond | ScheduledText | None]:
         """The (cond, uncond) records of a request's prompts; uncond None without guidance. Prompts with
-        editing, alternation or AND give ScheduledText records instead (prompt_schedule.py)."""
+        editing, alternation or AND give ScheduledText records instead (prompt_schedule.py), scheduled over
+        the request's steps, or with `hires_steps` over a hires fix's second pass of that many steps."""
         spec, _ = request.sampler_spec
-        plan = PromptPlan.of(request.prompts, request.negative_prompts,
-                             request.steps * (2 if spec.second_order else 1), request.cfg_scale)
+        calls = 2 if spec.second_order else 1  # A1111 counts model calls: two per step for these samplers
+        plan = PromptPlan.of(request.prompts, request.negative_prompts, request.steps * calls, request.cfg_scale,
+                             hires_steps and hires_steps * calls)
         if plan.scheduled:
             return plan.encode(lambda texts, chunks: self.encode_prompt(texts, request.clip_skip, chunks),
                                lambda texts: count_chunks(texts, self.model.tokenizer, self.embeddings))

@@ -106,6 +106,15 @@ def test_a_crop_keeps_the_centre_as_a1111_slices_it(pipe):
 
 # -- the second pass ------------------------------------------------------------------------------------------
 
+def test_prompt_edits_in_the_second_pass_count_its_own_steps(pipe):
+    """A1111's hires schedule: a fraction counts from 1.0, the end of the first pass, so `[a cat:a dog:0.5]`
+    is "a dog" for the whole second pass while the first pass switches half way."""
+    request, _ = pipe.prepare(hires(64, 64, prompt="[a cat:a dog:0.5]", steps=4, cfg_scale=1.0))
+    first = pipe._conditioning(request)
+    second = SecondPass(pipe, request, first)
+    assert not isinstance(second.conds[0], type(first[0]))  # the first pass is scheduled, the second plain
+    assert torch.equal(second.conds[0].context, pipe.encode_prompt(["a dog"]))
+
 def unet_calls(pipe, run) -> int:
     calls = []
     handle = pipe.model.unet.register_forward_hook(lambda *_: calls.append(1))
