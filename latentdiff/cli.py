@@ -71,6 +71,9 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--eta", type=float, help="noise amount of DDIM, the ancestral and the SDE samplers "
                                              "(default: the sampler's own)", **flag)
     p.add_argument("--from-png", help="take the parameters this PNG carries; flags given as well override them")
+    if not img2img:
+        _add_hires_flags(p.add_argument_group("hires fix (A1111's: generate, upscale, refine at the larger size)"),
+                         flag)
     if img2img:
         p.add_argument("--init-image", help="the starting image (required)")
         p.add_argument("--strength", type=float, help=f"0..1: how much to change, 1 = ignore the image "
@@ -97,6 +100,31 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
                        help="torch.compile the U-Net (minutes up front; falls back to eager if it fails)")
     speed.add_argument("--offload", action="store_true",
                        help="CUDA: keep the text encoder and VAE in CPU memory except while they run")
+
+
+def _add_hires_flags(p, flag: dict) -> None:
+    from .hires import UPSCALERS
+    from .request import DEFAULTS
+    p.add_argument("--hr-scale", type=float, help=f"turns the hires fix on: upscale by this factor (default "
+                                                  f"{DEFAULTS.hr_scale:g} when --hr-resize-x/-y turn it on)", **flag)
+    p.add_argument("--hr-resize-x", type=int, metavar="WIDTH", help="turns the hires fix on: upscale to this width "
+                   "instead (alone: the height keeps the aspect ratio; with --hr-resize-y: cover, then crop)", **flag)
+    p.add_argument("--hr-resize-y", type=int, metavar="HEIGHT", help="as --hr-resize-x, for the height", **flag)
+    p.add_argument("--hr-upscaler", metavar="NAME", help=f"{', '.join(UPSCALERS)} (default: "
+                                                         f"{DEFAULTS.hr_upscaler})", **flag)
+    p.add_argument("--hr-steps", type=int, dest="hr_second_pass_steps", metavar="STEPS",
+                   help="steps the second pass runs (default 0: as --steps)", **flag)
+    p.add_argument("--denoising-strength", type=float, dest="strength", metavar="STRENGTH",
+                   help=f"how much the second pass changes, 0..1 (default: {DEFAULTS.strength:g}, A1111's API "
+                        f"default; its web UI starts at 0.7)", **flag)
+    p.add_argument("--hr-sampler", dest="hr_sampler_name", metavar="NAME",
+                   help="the second pass's sampler (default: --sampler)", **flag)
+    p.add_argument("--hr-schedule", dest="hr_scheduler", metavar="NAME",
+                   help="the second pass's sigma schedule (default: --schedule if given, else the sampler's own)",
+                   **flag)
+    p.add_argument("--hr-prompt", help="the second pass's prompt (default: the prompt)", **flag)
+    p.add_argument("--hr-negative-prompt", help="the second pass's negative prompt (default: the negative prompt)",
+                   **flag)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, instruct, speedups
+from . import __version__, hires, instruct, speedups
 from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser, InstructCFGDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
@@ -25,6 +25,7 @@ from .loader import load_model, model_hash, swap_vae, vae_name
 from .memory import keep_freed_memory
 from .model import StableDiffusion
 from .patches import apply_patches
+from .prompt_schedule import PromptPlan, ScheduledCFGDenoiser, ScheduledText
 from .prompts import count_chunks, encode_prompts, used_embeddings
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
@@ -191,7 +192,8 @@ class Pipeline:
         if image_cfg_scale is not None:  # InstructPix2Pix: three-way guidance
             return InstructCFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale,
                                                    image_cfg_scale=image_cfg_scale), acp
-        return CFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
+        guide = ScheduledCFGDenoiser(base) if isinstance(cond, ScheduledText) else CFGDenoiser(base)
+        return guide, dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -252,6 +254,8 @@ class Pipeline:
                                    batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode),
                                    image_cfg_scale=image_cfg_scale)
         prepared.check_size(multiple)
+        if prepared.enable_hr:
+            prepared = hires.prepare(prepared, multiple, request.schedule)
         return prepared, notes
 
     @torch.no_grad()
@@ -264,10 +268,14 @@ class Pipeline:
         images, seeds, latents = [], [], []
         with generation_threads(self.threads):
             conds = self._conditioning(request)  # once: every iteration has the same prompts
+            second_pass = hires.SecondPass(self, request, conds) if request.enable_hr else None
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
                 x = self._sample(request, conds, batch_seeds, callback, progress, noise_device)
+                if second_pass is not None:  # the hires fix: upscaled, then refined at the larger size
+                    x = second_pass(x, batch_seeds, notes, callback=callback, progress=progress,
+                                    noise_device=noise_device)
                 decoded, decode_notes = self.decode(x)
                 images += decoded
                 seeds += batch_seeds
@@ -284,7 +292,8 @@ class Pipeline:
                       sampler=request.sampler, schedule=request.schedule, cfg_scale=request.cfg_scale,
                       seed=request.seed + index, width=request.width, height=request.height,
                       clip_skip=request.clip_skip, eta=request.eta, image_cfg_scale=request.image_cfg_scale,
-                      strength=request.strength if request.init_image is not None else None)
+                      strength=request.strength if request.init_image is not None or request.enable_hr else None,
+                      **hires.infotext_fields(request, index))
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
                 for e in used_embeddings(text, self.embeddings)}
@@ -307,25 +316,41 @@ class Pipeline:
         """The same short hash of the swapped-in VAE's file."""
         return model_hash(self.vae_source) if self.vae_source else None
 
-    def _conditioning(self, request: GenerationRequest) -> tuple[Cond, Cond | None]:
-        """The (cond, uncond) records of a request's prompts; uncond None without guidance."""
-        chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
+    def _conditioning(self, request: GenerationRequest, hires_steps: int | None = None
+                      ) -> tuple[Cond | ScheduledText, Cond | ScheduledText | None]:
+        """The (cond, uncond) records of a request's prompts; uncond None without guidance. Prompts with
+        editing, alternation or AND give ScheduledText records instead (prompt_schedule.py), scheduled over
+        the request's steps, or with `hires_steps` over a hires fix's second pass of that many steps."""
+        spec, _ = request.sampler_spec
+        calls = 2 if spec.second_order else 1  # A1111 counts model calls: two per step for these samplers
         guided = instruct.needs_uncond(request.cfg_scale, request.image_cfg_scale)
+        # the plan encodes the negative prompts when cfg_scale != 1; InstructPix2Pix's image guidance needs them too
+        plan_cfg = request.cfg_scale if request.cfg_scale != 1.0 or not guided else 0.0
+        plan = PromptPlan.of(request.prompts, request.negative_prompts, request.steps * calls, plan_cfg,
+                             hires_steps and hires_steps * calls)
+        if plan.scheduled and request.image_cfg_scale is not None:
+            raise FieldError("prompt", "uses prompt editing, alternation or AND, which InstructPix2Pix checkpoints "
+                                       "(three-way guidance) cannot take yet: write the instruction without them")
+        if plan.scheduled:
+            return plan.encode(lambda texts, chunks: self.encode_prompt(texts, request.clip_skip, chunks),
+                               lambda texts: count_chunks(texts, self.model.tokenizer, self.embeddings))
+        prompts, negatives = plan.prompts, plan.negatives
+        chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
         if guided:
-            chunks = count_chunks(request.prompts + request.negative_prompts, self.model.tokenizer,
-                                  self.embeddings)
-        cond = Cond(context=self.encode_prompt(request.prompts, request.clip_skip, chunks))
+            chunks = count_chunks(prompts + negatives, self.model.tokenizer, self.embeddings)
+        cond = Cond(context=self.encode_prompt(prompts, request.clip_skip, chunks))
         uncond = None
         if guided:
-            uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip, chunks))
+            uncond = Cond(context=self.encode_prompt(negatives, request.clip_skip, chunks))
         if request.image_cfg_scale is not None:  # InstructPix2Pix: the image's latents beside every call's
-            latents = instruct.image_latents(self.posterior(request.init_image)).expand(len(request.prompts),
-                                                                                        -1, -1, -1)
+            latents = instruct.image_latents(self.posterior(request.init_image)).expand(len(prompts), -1, -1, -1)
             cond, uncond = instruct.with_image(cond, latents), instruct.with_image(uncond, latents)
         return cond, uncond
 
     def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
-                progress, noise_device):
+                progress, noise_device, latents: torch.Tensor | None = None, run_steps: int | None = None):
+        """Sampled latents for one batch; with `latents` (the hires fix's second pass), the last `run_steps`
+        steps of the request's schedule from those latents plus the seeds' first noise draw."""
         spec, schedule = request.sampler_spec
         cond, uncond = conds
         denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale, request.image_cfg_scale)
@@ -337,7 +362,10 @@ class Pipeline:
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.out_channels, request.height // f, request.width // f)
         gens = self._generators(seeds, noise_device)
-        if request.init_image is None:
+        if latents is not None:
+            sigmas = sigmas[len(sigmas) - 1 - run_steps:]
+            x = latents + self._randn(gens, shape) * sigmas[0]
+        elif request.init_image is None:
             x = self._randn(gens, shape) * sigmas[0]
         else:  # draw order as diffusers' img2img: posterior sample, then the added noise
             sigmas = img2img_sigmas(sigmas, request.strength)
@@ -366,9 +394,12 @@ class Pipeline:
     # -- autoencoder --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, gens: list[torch.Generator]) -> torch.Tensor:
-        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them)."""
+    def encode_image(self, image: Image.Image, gens: list[torch.Generator] | None) -> torch.Tensor:
+        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them); without
+        generators, the posterior's mean (the hires fix's image upscalers)."""
         posterior = self.posterior(image)
+        if gens is None:
+            return posterior.mode().float() * self.config.latent_scale
         return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
 
     @torch.no_grad()

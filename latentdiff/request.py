@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .errors import FieldError, InputError
+from .hires import check_fields as check_hires_fields
 from .sampling import sampler_spec
 from .schedules import schedule_names
 
@@ -47,8 +48,18 @@ class GenerationRequest:
     mask: Image.Image | None = None
     loras: tuple = ()
     embeddings: tuple = ()
-    hires: dict | None = None
     control: tuple = ()
+    # the hires fix (hires.py), by A1111's API names; its denoising strength is `strength`
+    enable_hr: bool = False
+    hr_scale: float = 2.0  # used when hr_resize_x and hr_resize_y are both 0
+    hr_resize_x: int = 0  # 0: from the other side (and the aspect ratio); both 0: hr_scale
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0  # 0: steps
+    hr_sampler_name: str | None = None  # None: the sampler
+    hr_scheduler: str | None = None  # a schedule name; None: the first pass's if named, else hr_sampler_name's
+    hr_prompt: str | list[str] = ""  # "": the prompt
+    hr_negative_prompt: str | list[str] = ""
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -99,7 +110,8 @@ class GenerationRequest:
         resize_mode(self.resize_mode)
         if self.init_image is not None and not isinstance(self.init_image, (Image.Image, str, os.PathLike)):
             raise FieldError("init_image", f"must be a PIL image or a file path, not {type(self.init_image).__name__}")
-        for name in ("mask", "hires"):
+        check_hires_fields(self)
+        for name in ("mask",):
             if getattr(self, name) is not None:
                 raise FieldError(name, "is not supported yet; leave it out")
         for name in ("loras", "embeddings", "control"):

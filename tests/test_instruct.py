@@ -21,6 +21,7 @@ from tiny import SD1, SD2_V, tiny_model, with_inputs
 from latentdiff.cli import main
 from latentdiff.conditioning import Cond
 from latentdiff.denoisers import InstructCFGDenoiser
+from latentdiff.errors import FieldError
 from latentdiff.infotext import parse_parameters, read_png_parameters
 from latentdiff.loader import save_model
 from latentdiff.pipeline import Pipeline
@@ -93,6 +94,18 @@ def test_the_image_conditions_every_step(pipes):
     (batch,) = seen
     assert batch.context[:, 0, 0].tolist() == [1, 0, 0]  # cond, uncond, uncond
     assert batch.concat.flatten(1).mean(1).tolist() == [1, 1, 0]  # image, image, no image
+
+
+def test_image_guidance_alone_and_scheduled_prompts(pipes):
+    """cfg 1 with image guidance still needs the negative prompt (its two unconditional records): it runs and
+    differs from both scales 1; prompt editing, which the three-way guidance cannot take yet, is refused."""
+    ours, _ = pipes
+    kwargs = dict(strength=1.0, steps=2, sampler="Euler", seed=1, progress=False, cfg_scale=1.0)
+    alone = np.asarray(ours.img2img(init_image(), INSTRUCTION, image_cfg_scale=2.0, **kwargs).images[0]).astype(int)
+    off = np.asarray(ours.img2img(init_image(), INSTRUCTION, image_cfg_scale=1.0, **kwargs).images[0]).astype(int)
+    assert np.abs(alone - off).max() > 2
+    with pytest.raises(FieldError, match="prompt uses prompt editing, alternation or AND"):
+        ours.img2img(init_image(), "make it [red:blue:0.5]", **kwargs)
 
 
 def test_guidance_formula_on_known_predictions():
