@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, speedups
+from . import __version__, inpaint, speedups
 from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
@@ -213,7 +213,14 @@ class Pipeline:
             raise InputError(f"generate() needs a GenerationRequest, not {type(request).__name__}")
         request.validate()
         unet = self.config.unet
-        if unet.in_channels != unet.out_channels:  # nothing builds the concat channels of the Cond for it yet
+        inpainting_unet = unet.in_channels - unet.out_channels == inpaint.INPAINT_EXTRA_CHANNELS
+        masked = request.mask is not None or request.outpaint is not None
+        if inpainting_unet and not masked:
+            raise UnsupportedModelError(
+                f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
+                f"{unet.in_channels} input channels and repaints under a mask; use img2img with --init-image and "
+                f"--mask (Python: mask=...), or a text-to-image checkpoint")
+        if unet.in_channels != unet.out_channels and not inpainting_unet:  # nothing builds their concat channels
             raise UnsupportedModelError(
                 f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
                 f"{unet.in_channels} input channels, and the pipeline cannot yet build that conditioning; "
@@ -224,16 +231,26 @@ class Pipeline:
                                           f"not {request.clip_skip}")
         multiple, notes = self.size_multiple(), []
         seed = secrets.randbelow(2**32) if request.seed == RANDOM_SEED else request.seed
-        width, height, image = request.width, request.height, request.init_image
+        width, height, image, mask = request.width, request.height, request.init_image, request.mask
+        if isinstance(mask, str) and mask == inpaint.MASK_FROM_ALPHA:
+            mask = inpaint.mask_from_alpha(image)
         if image is not None:
-            image = _fit_init_image(as_rgb_image(image), width, height, resize_mode(request.resize_mode), multiple,
-                                    notes)
+            image = as_rgb_image(image)
+            if request.outpaint is not None:  # the canvas first, so that Size is the canvas when replayed
+                image, mask = inpaint.outpaint_canvas(image, inpaint.outpaint_margins(request.outpaint))
+            mask = None if mask is None else inpaint.load_mask(mask)
+            fitted = _fit_init_image(image, width, height, resize_mode(request.resize_mode), multiple, notes)
+            if mask is not None:  # the mask goes where the image went
+                mask = inpaint.check_mask_size(mask, image.size, notes)
+                mask = _fit_init_image(mask.convert("RGB"), width, height, resize_mode(request.resize_mode),
+                                       multiple, []).convert("L")
+            image = fitted
             width, height = image.size
             if int(request.steps * request.strength) < 1:
                 raise FieldError("strength", f"{request.strength} with {request.steps} steps runs no step "
                                              f"(int(steps * strength) == 0): raise the strength or the steps")
         spec, schedule = request.sampler_spec  # recorded by A1111's name, with the schedule it resolves to
-        prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image,
+        prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image, mask=mask,
                                    width=width or self.config.resolution, height=height or self.config.resolution,
                                    batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode))
         prepared.check_size(multiple)
@@ -247,13 +264,22 @@ class Pipeline:
         `noise_device` (the CPU by default, so a seed gives the same image on any device)."""
         request, notes = self.prepare(request)
         images, seeds, latents = [], [], []
+        inpainting = None
+        if request.mask is not None:
+            inpainting = inpaint.prepare(request.init_image, request.mask, blur=request.mask_blur,
+                                         invert=bool(request.inpainting_mask_invert),
+                                         fill=inpaint.masked_content(request.inpainting_fill),
+                                         only_masked=bool(request.inpaint_full_res),
+                                         padding=request.inpaint_full_res_padding, notes=notes)
         with generation_threads(self.threads):
             conds = self._conditioning(request)  # once: every iteration has the same prompts
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
-                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device)
+                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device, inpainting)
                 decoded, decode_notes = self.decode(x)
+                if inpainting is not None:
+                    decoded = [inpainting.paste_back(image) for image in decoded]
                 images += decoded
                 seeds += batch_seeds
                 notes += decode_notes
@@ -305,7 +331,7 @@ class Pipeline:
         return cond, uncond
 
     def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
-                progress, noise_device):
+                progress, noise_device, inpainting: "inpaint.Inpainting | None" = None):
         spec, schedule = request.sampler_spec
         cond, uncond = conds
         denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
@@ -321,8 +347,14 @@ class Pipeline:
             x = self._randn(gens, shape) * sigmas[0]
         else:  # draw order as diffusers' img2img: posterior sample, then the added noise
             sigmas = img2img_sigmas(sigmas, request.strength)
-            latents = self.encode_image(request.init_image, gens)
-            x = latents + self._randn(gens, shape) * sigmas[0]
+            latents = self.encode_image(request.init_image if inpainting is None else inpainting.image, gens)
+            noise = self._randn(gens, shape)
+            if inpainting is not None:
+                latents, denoiser, extra_args, finish = inpaint.start_sampling(
+                    inpainting, latents, denoiser, extra_args, encode=lambda pixels: self.encode_image(pixels, gens),
+                    fresh_noise=lambda: self._randn(self._generators(seeds, noise_device), shape),
+                    inpainting_unet=self.config.unet.in_channels != self.config.unet.out_channels)
+            x = latents + noise * sigmas[0]
 
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
 
@@ -339,6 +371,8 @@ class Pipeline:
         with keep_freed_memory() if keep else nullcontext():
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
+        if inpainting is not None:
+            x = finish(x)
         # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,
         # where those schedulers return the variance-preserving latents; for a schedule ending at 0 this is x / 1
         return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
@@ -346,9 +380,10 @@ class Pipeline:
     # -- autoencoder --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, gens: list[torch.Generator]) -> torch.Tensor:
-        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them)."""
-        x = pil_to_tensor(image).to(self.device, self.dtype)
+    def encode_image(self, image: Image.Image | torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them). `image`: a PIL
+        image or a (1, 3, H, W) tensor in [-1, 1]."""
+        x = (image if isinstance(image, torch.Tensor) else pil_to_tensor(image)).to(self.device, self.dtype)
         with self._on_device(self.model.vae) as vae:
             posterior = tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
         return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
