@@ -63,7 +63,7 @@ def outpaint_margins(value) -> tuple[int, int, int, int]:
         raise FieldError("outpaint", f"{value!r}: give pixels per side, e.g. 'left:64,right:64' or "
                                      f"{{'left': 64, 'right': 64}}")
     if any(v < 0 or v % 8 for v in value) or not any(value):
-        raise FieldError("outpaint", f"{dict(zip(OUTPAINT_SIDES, value))}: each side takes a multiple of 8 px "
+        raise FieldError("outpaint", f"{outpaint_text(value) or 'all sides 0'}: each side takes a multiple of 8 px "
                                      f"(0 or more), and at least one side more than 0")
     return tuple(value)
 
@@ -344,11 +344,8 @@ INPAINT_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inp
                   "inpaint_full_res_padding")
 
 
-def unsupported_model(in_channels: int, out_channels: int) -> str | None:
-    """Why a U-Net cannot inpaint, or None: every text-to-image U-Net can (A1111's blend) and an inpainting
-    U-Net can (its own channels); other concat families cannot."""
-    extra = in_channels - out_channels
-    if extra in (0, INPAINT_EXTRA_CHANNELS):
-        return None
-    return f"its U-Net takes {in_channels} input channels, for other conditioning than a mask"
+def can_inpaint(in_channels: int, out_channels: int) -> bool:
+    """Every text-to-image U-Net can (A1111's blend), and an inpainting U-Net (its own channels); U-Nets
+    conditioned on something else through extra channels cannot."""
+    return in_channels - out_channels in (0, INPAINT_EXTRA_CHANNELS)
 

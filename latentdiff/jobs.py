@@ -14,10 +14,14 @@ FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width"
          "seed": "--seed", "batch_size": "--batch-size", "n_iter": "--n-iter", "clip_skip": "--clip-skip",
          "eta": "--eta", "strength": "--strength", "init_image": "--init-image", "resize_mode": "--resize-mode",
          "device": "--device", "dtype": "--dtype", "threads": "--threads", "attention_slice": "--attention-slice",
-         "vae_tiling": "--vae-tiling", "offload": "--offload"}
+         "vae_tiling": "--vae-tiling", "offload": "--offload",
+         "mask": "--mask", "mask_blur": "--mask-blur", "inpainting_mask_invert": "--invert-mask",
+         "inpainting_fill": "--masked-content", "inpaint_full_res": "--only-masked",
+         "inpaint_full_res_padding": "--mask-padding", "outpaint": "--outpaint"}
 # the per-line options of a JSON prompts file: the request's plain fields
 JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
-            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode")
+            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode", "mask_blur",
+            "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding")
 
 
 def for_the_command_line(error: Exception) -> str:
@@ -74,6 +78,9 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
         origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin
     if mode == "img2img" and "init_image" not in flags:
         raise InputError("img2img needs --init-image IMAGE: the picture to start from")
+    if args.from_png and "mask" not in flags and _inpainted(base):
+        raise InputError(f"--from-png {args.from_png}: this image was inpainted; replay it with --mask MASK (the "
+                         f"mask it was made with) beside --init-image")
     if not args.prompts_file:
         if "prompt" not in flags and "prompt" not in base:
             raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
@@ -94,11 +101,21 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
     return _load_init_images(jobs), notes
 
 
+def _inpainted(fields: dict) -> bool:
+    from .inpaint import INPAINT_FIELDS
+    return "outpaint" not in fields and any(name in fields for name in INPAINT_FIELDS)
+
+
 def _load_init_images(jobs: list[Job]) -> list[Job]:
-    """Each init image read once, now: a bad file fails before the model loads."""
+    """Each init image and mask read once, now: a bad file fails before the model loads."""
     from .images import load_image
+    from .inpaint import MASK_FROM_ALPHA, load_mask, mask_from_alpha
     loaded = {}
     for job in jobs:
+        mask = job.request.mask
+        if mask is not None:  # the alpha before load_image drops it
+            mask = mask_from_alpha(job.request.init_image) if mask == MASK_FROM_ALPHA else load_mask(mask)
+            job.request = job.request.replace(mask=mask)
         path = job.request.init_image
         if path is not None:
             loaded[path] = loaded.get(path) or load_image(path)

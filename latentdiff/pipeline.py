@@ -220,6 +220,11 @@ class Pipeline:
                 f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
                 f"{unet.in_channels} input channels and repaints under a mask; use img2img with --init-image and "
                 f"--mask (Python: mask=...), or a text-to-image checkpoint")
+        if masked and not inpaint.can_inpaint(unet.in_channels, unet.out_channels):
+            raise FieldError("mask" if request.mask is not None else "outpaint",
+                             f"cannot be used with this checkpoint: it is "
+                             f"{concat_family(unet.in_channels, unet.out_channels)}, which does not inpaint; use a "
+                             f"text-to-image or an inpainting checkpoint")
         if unet.in_channels != unet.out_channels and not inpainting_unet:  # nothing builds their concat channels
             raise UnsupportedModelError(
                 f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
@@ -296,6 +301,12 @@ class Pipeline:
                       seed=request.seed + index, width=request.width, height=request.height,
                       clip_skip=request.clip_skip, eta=request.eta,
                       strength=request.strength if request.init_image is not None else None)
+        if request.mask is not None:  # what A1111 records of an inpainting (infotext.INPAINT_KEYS)
+            fields |= dict(mask_blur=request.mask_blur, inpainting_mask_invert=bool(request.inpainting_mask_invert),
+                           inpainting_fill=inpaint.masked_content(request.inpainting_fill),
+                           inpaint_full_res=bool(request.inpaint_full_res),
+                           inpaint_full_res_padding=request.inpaint_full_res_padding,
+                           outpaint=request.outpaint and inpaint.outpaint_text(inpaint.outpaint_margins(request.outpaint)))
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
                 for e in used_embeddings(text, self.embeddings)}
@@ -353,7 +364,8 @@ class Pipeline:
                 latents, denoiser, extra_args, finish = inpaint.start_sampling(
                     inpainting, latents, denoiser, extra_args, encode=lambda pixels: self.encode_image(pixels, gens),
                     fresh_noise=lambda: self._randn(self._generators(seeds, noise_device), shape),
-                    inpainting_unet=self.config.unet.in_channels != self.config.unet.out_channels)
+                    inpainting_unet=self.config.unet.in_channels - self.config.unet.out_channels
+                    == inpaint.INPAINT_EXTRA_CHANNELS)
             x = latents + noise * sigmas[0]
 
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
