@@ -96,7 +96,7 @@ def our_raw_image(ours, latents):
 
 
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
-@pytest.mark.parametrize("strength", [0.5, 0.8])
+@pytest.mark.parametrize("strength", [0.6])
 def test_whole_picture_matches_diffusers(pipes, sampler, strength):
     ours, theirs = pipes
     result, raw, final = run_both(ours, theirs, sampler, strength, seed=11)

@@ -4,7 +4,8 @@ Case i draws a label from the evaluation stream (evaluate.EVAL_SEED) and generat
 - Inpainting: the mask is the drawn shape's bounding box (pixels far from the background colour, the
   analyzer's rule) grown by MASK_MARGIN px; the prompt asks for another shape in another colour on the same
   background. Scored: the analyzer reads the new colour; and the mean absolute change of the pixels beyond
-  the blur band (farther from the mask than the blur window's half width) in 1/255.
+  the blur band (farther from the mask than the blur window's half width) in 1/255, after the paste-back,
+  before it (the latent blend alone), and for the autoencoder's round trip of the original (its floor).
 - Outpainting: the image is extended by OUTPAINT_MARGINS with its own caption. Scored: the median colour of
   the new area (beyond the blur band) is the original image's background colour, as the analyzer reads it.
 """
@@ -55,11 +56,16 @@ def other(rng: np.random.Generator, choices, *avoid):
     return str(rng.choice([c for c in choices if c not in avoid]))
 
 
-def inpaint_case(pipe: Pipeline, i: int, settings: dict) -> dict:
+def original_case(pipe: Pipeline, i: int, settings: dict) -> tuple[dict, str, Image.Image]:
+    """Case i's label, its full caption and the image the model draws for it at seed i."""
     _, _, label = make_sample(EVAL_SEED, i, pipe.config.resolution, "train")
     caption = full_caption(label)
-    original = pipe.txt2img(caption, seed=i, steps=settings["steps"], sampler=settings["sampler"],
-                            cfg_scale=settings["cfg_scale"], progress=False).images[0]
+    return label, caption, pipe.txt2img(caption, seed=i, steps=settings["steps"], sampler=settings["sampler"],
+                                        cfg_scale=settings["cfg_scale"], progress=False).images[0]
+
+
+def inpaint_case(pipe: Pipeline, i: int, settings: dict, original_case) -> dict:
+    label, caption, original = original_case
     seen = analyze(original)["background"]
     mask = shape_mask(original, seen)
     rng = np.random.default_rng(i)
@@ -78,14 +84,13 @@ def inpaint_case(pipe: Pipeline, i: int, settings: dict) -> dict:
 
     read = analyze(edited)["color"]
     return {"caption": caption, "target": full_caption(target), "read": read, "color_right": read == target["color"],
-            "kept_change": change(edited), "kept_change_before_paste": change(pipe.decode(result.latents)[0][0])}
+            "kept_change": change(edited), "kept_change_before_paste": change(pipe.decode(result.latents)[0][0]),
+            # the autoencoder's own round trip of the original: the floor of any latent-space method
+            "kept_change_autoencoder": change(pipe.decode(pipe.encode_image(original, [torch.Generator().manual_seed(i)]))[0][0])}
 
 
-def outpaint_case(pipe: Pipeline, i: int, settings: dict) -> dict:
-    _, _, label = make_sample(EVAL_SEED, i, pipe.config.resolution, "train")
-    caption = full_caption(label)
-    original = pipe.txt2img(caption, seed=i, steps=settings["steps"], sampler=settings["sampler"],
-                            cfg_scale=settings["cfg_scale"], progress=False).images[0]
+def outpaint_case(pipe: Pipeline, i: int, settings: dict, original_case) -> dict:
+    _, caption, original = original_case
     background = analyze(original)["background"]
     margins = dict(zip(OUTPAINT_SIDES, OUTPAINT_MARGINS))
     result = pipe.img2img(original, caption, outpaint=margins, seed=1000 + i, progress=False, **settings)
@@ -100,8 +105,9 @@ def outpaint_case(pipe: Pipeline, i: int, settings: dict) -> dict:
 
 
 def measure(pipe: Pipeline, count: int, settings: dict = SETTINGS) -> dict:
-    inpainted = [inpaint_case(pipe, i, settings) for i in range(count)]
-    outpainted = [outpaint_case(pipe, i, settings) for i in range(count)]
+    originals = [original_case(pipe, i, settings) for i in range(count)]
+    inpainted = [inpaint_case(pipe, i, settings, originals[i]) for i in range(count)]
+    outpainted = [outpaint_case(pipe, i, settings, originals[i]) for i in range(count)]
     kept = [c["kept_change"] for c in inpainted if "kept_change" in c]
     return {"count": count, "settings": settings,
             "inpaint_color_right": float(np.mean([c["color_right"] for c in inpainted])),
@@ -110,6 +116,8 @@ def measure(pipe: Pipeline, count: int, settings: dict = SETTINGS) -> dict:
             # the latent blend alone (the decode before the kept pixels are pasted back)
             "inpaint_kept_change_before_paste_mean": float(np.mean([c["kept_change_before_paste"] for c in inpainted
                                                                     if "kept_change" in c])) if kept else None,
+            "inpaint_kept_change_autoencoder_mean": float(np.mean([c["kept_change_autoencoder"] for c in inpainted
+                                                                   if "kept_change" in c])) if kept else None,
             "outpaint_background_continues": float(np.mean([c["continues"] for c in outpainted])),
             "inpaint_cases": inpainted, "outpaint_cases": outpainted}
 
@@ -132,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.count} cases, {pipe.dtype}, {SETTINGS}")
     print(f"inpaint: new colour read in {figures['inpaint_color_right']:.0%}; pixels beyond the blur band changed by "
           f"{figures['inpaint_kept_change_mean']:.3f}/255 on average (max case {figures['inpaint_kept_change_max']:.3f}; "
-          f"before the paste-back {figures['inpaint_kept_change_before_paste_mean']:.3f}/255)")
+          f"before the paste-back {figures['inpaint_kept_change_before_paste_mean']:.3f}/255; the autoencoder's round "
+          f"trip of the original alone {figures['inpaint_kept_change_autoencoder_mean']:.3f}/255)")
     print(f"outpaint: background continues in {figures['outpaint_background_continues']:.0%}")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model or "demo"), "dtype": str(pipe.dtype), **figures},
