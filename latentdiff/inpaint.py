@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .conditioning import Cond
-from .errors import FieldError
+from .conditioning import Cond, concat_family
+from .errors import FieldError, UnsupportedModelError
 from .images import pil_to_tensor, resize_to
 
 # A1111's "Masked content" (inpainting_fill), in the order of its API numbers 0..3
@@ -344,8 +344,42 @@ INPAINT_FIELDS = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inp
                   "inpaint_full_res_padding")
 
 
-def can_inpaint(in_channels: int, out_channels: int) -> bool:
-    """Every text-to-image U-Net can (A1111's blend), and an inpainting U-Net (its own channels); U-Nets
-    conditioned on something else through extra channels cannot."""
-    return in_channels - out_channels in (0, INPAINT_EXTRA_CHANNELS)
+def is_inpainting_unet(unet) -> bool:
+    """A U-Net (its UNetConfig) that takes the mask and the masked image's latents beside the latents."""
+    return unet.in_channels - unet.out_channels == INPAINT_EXTRA_CHANNELS
+
+
+def check_model(request, unet) -> None:
+    """A request that inpaints needs a model that can: every text-to-image U-Net (A1111's blend) and an
+    inpainting U-Net (its own channels), not U-Nets conditioned on something else through extra channels;
+    and an inpainting U-Net needs a mask."""
+    family = concat_family(unet.in_channels, unet.out_channels)
+    masked = request.mask is not None or request.outpaint is not None
+    if is_inpainting_unet(unet) and not masked:
+        raise UnsupportedModelError(
+            f"this checkpoint is {family}: its U-Net takes {unet.in_channels} input channels and repaints under a "
+            f"mask; use img2img with --init-image and --mask (Python: mask=...), or a text-to-image checkpoint")
+    if masked and unet.in_channels != unet.out_channels and not is_inpainting_unet(unet):
+        raise FieldError("mask" if request.mask is not None else "outpaint",
+                         f"cannot be used with this checkpoint: it is {family}, which does not inpaint; use a "
+                         f"text-to-image or an inpainting checkpoint")
+
+
+def for_request(request, notes: list[str]) -> Inpainting | None:
+    """The region a prepared request repaints (its init image and mask at their final size), or None."""
+    if request.mask is None:
+        return None
+    return prepare(request.init_image, request.mask, blur=request.mask_blur,
+                   invert=bool(request.inpainting_mask_invert), fill=masked_content(request.inpainting_fill),
+                   only_masked=bool(request.inpaint_full_res), padding=request.inpaint_full_res_padding, notes=notes)
+
+
+def infotext_fields(request) -> dict:
+    """What A1111 records of an inpainting (infotext.INPAINT_KEYS) for a prepared request; {} without a mask."""
+    if request.mask is None:
+        return {}
+    outpaint = request.outpaint and outpaint_text(outpaint_margins(request.outpaint))
+    return dict(mask_blur=request.mask_blur, inpainting_mask_invert=bool(request.inpainting_mask_invert),
+                inpainting_fill=masked_content(request.inpainting_fill), inpaint_full_res=bool(request.inpaint_full_res),
+                inpaint_full_res_padding=request.inpaint_full_res_padding, outpaint=outpaint)
 

@@ -213,19 +213,8 @@ class Pipeline:
             raise InputError(f"generate() needs a GenerationRequest, not {type(request).__name__}")
         request.validate()
         unet = self.config.unet
-        inpainting_unet = unet.in_channels - unet.out_channels == inpaint.INPAINT_EXTRA_CHANNELS
-        masked = request.mask is not None or request.outpaint is not None
-        if inpainting_unet and not masked:
-            raise UnsupportedModelError(
-                f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
-                f"{unet.in_channels} input channels and repaints under a mask; use img2img with --init-image and "
-                f"--mask (Python: mask=...), or a text-to-image checkpoint")
-        if masked and not inpaint.can_inpaint(unet.in_channels, unet.out_channels):
-            raise FieldError("mask" if request.mask is not None else "outpaint",
-                             f"cannot be used with this checkpoint: it is "
-                             f"{concat_family(unet.in_channels, unet.out_channels)}, which does not inpaint; use a "
-                             f"text-to-image or an inpainting checkpoint")
-        if unet.in_channels != unet.out_channels and not inpainting_unet:  # nothing builds their concat channels
+        inpaint.check_model(request, unet)
+        if unet.in_channels != unet.out_channels and not inpaint.is_inpainting_unet(unet):  # nothing builds theirs
             raise UnsupportedModelError(
                 f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
                 f"{unet.in_channels} input channels, and the pipeline cannot yet build that conditioning; "
@@ -269,13 +258,7 @@ class Pipeline:
         `noise_device` (the CPU by default, so a seed gives the same image on any device)."""
         request, notes = self.prepare(request)
         images, seeds, latents = [], [], []
-        inpainting = None
-        if request.mask is not None:
-            inpainting = inpaint.prepare(request.init_image, request.mask, blur=request.mask_blur,
-                                         invert=bool(request.inpainting_mask_invert),
-                                         fill=inpaint.masked_content(request.inpainting_fill),
-                                         only_masked=bool(request.inpaint_full_res),
-                                         padding=request.inpaint_full_res_padding, notes=notes)
+        inpainting = inpaint.for_request(request, notes)  # None without a mask
         with generation_threads(self.threads):
             conds = self._conditioning(request)  # once: every iteration has the same prompts
             for iteration in range(request.n_iter):
@@ -301,12 +284,7 @@ class Pipeline:
                       seed=request.seed + index, width=request.width, height=request.height,
                       clip_skip=request.clip_skip, eta=request.eta,
                       strength=request.strength if request.init_image is not None else None)
-        if request.mask is not None:  # what A1111 records of an inpainting (infotext.INPAINT_KEYS)
-            fields |= dict(mask_blur=request.mask_blur, inpainting_mask_invert=bool(request.inpainting_mask_invert),
-                           inpainting_fill=inpaint.masked_content(request.inpainting_fill),
-                           inpaint_full_res=bool(request.inpaint_full_res),
-                           inpaint_full_res_padding=request.inpaint_full_res_padding,
-                           outpaint=request.outpaint and inpaint.outpaint_text(inpaint.outpaint_margins(request.outpaint)))
+        fields |= inpaint.infotext_fields(request)
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
                 for e in used_embeddings(text, self.embeddings)}
@@ -364,8 +342,7 @@ class Pipeline:
                 latents, denoiser, extra_args, finish = inpaint.start_sampling(
                     inpainting, latents, denoiser, extra_args, encode=lambda pixels: self.encode_image(pixels, gens),
                     fresh_noise=lambda: self._randn(self._generators(seeds, noise_device), shape),
-                    inpainting_unet=self.config.unet.in_channels - self.config.unet.out_channels
-                    == inpaint.INPAINT_EXTRA_CHANNELS)
+                    inpainting_unet=inpaint.is_inpainting_unet(self.config.unet))
             x = latents + noise * sigmas[0]
 
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
