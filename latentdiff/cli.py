@@ -116,7 +116,8 @@ def _add_inpaint_flags(p, flag: dict) -> None:
                    help=f"with --only-masked: px around the mask (default: {DEFAULTS.inpaint_full_res_padding})",
                    **flag)
     p.add_argument("--outpaint", metavar="SIDE:PX,...", help="extend the canvas and paint the new border, e.g. "
-                                                             "left:64,right:64 (sides left, right, top, bottom)", **flag)
+                                                             "left:64,right:64 (sides left, right, top, bottom)",
+                   **flag)
 
 
 def build_parser() -> argparse.ArgumentParser:

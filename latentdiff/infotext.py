@@ -304,7 +304,8 @@ def _inpaint_fields(params: dict) -> dict:
         value = params[key].strip()
         if key in _CHOICES:
             if value.lower() not in _CHOICES[key]:
-                raise InputError(f"parameter {key!r} is {value!r}: expected one of {', '.join(map(repr, _CHOICES[key]))}")
+                choices = ", ".join(map(repr, _CHOICES[key]))
+                raise InputError(f"parameter {key!r} is {value!r}: expected one of {choices}")
             fields[field] = _CHOICES[key][value.lower()]
         elif key in ("Mask blur", "Masked area padding"):
             fields[field] = _read_number(key, value, int)

@@ -380,6 +380,7 @@ def infotext_fields(request) -> dict:
         return {}
     outpaint = request.outpaint and outpaint_text(outpaint_margins(request.outpaint))
     return dict(mask_blur=request.mask_blur, inpainting_mask_invert=bool(request.inpainting_mask_invert),
-                inpainting_fill=masked_content(request.inpainting_fill), inpaint_full_res=bool(request.inpaint_full_res),
+                inpainting_fill=masked_content(request.inpainting_fill),
+                inpaint_full_res=bool(request.inpaint_full_res),
                 inpaint_full_res_padding=request.inpaint_full_res_padding, outpaint=outpaint)
 

@@ -52,6 +52,11 @@ def beyond_band(mask: Image.Image, blur: int) -> np.ndarray:
     return (F.max_pool2d(m, 2 * reach + 1, stride=1, padding=reach)[0, 0] == 0).numpy()
 
 
+def round_trip(pipe: Pipeline, image: Image.Image, seed: int) -> Image.Image:
+    """The image through the autoencoder (one seeded posterior sample): the floor of any latent-space edit."""
+    return pipe.decode(pipe.encode_image(image, [torch.Generator().manual_seed(seed)]))[0][0]
+
+
 def other(rng: np.random.Generator, choices, *avoid):
     return str(rng.choice([c for c in choices if c not in avoid]))
 
@@ -86,7 +91,7 @@ def inpaint_case(pipe: Pipeline, i: int, settings: dict, original_case) -> dict:
     return {"caption": caption, "target": full_caption(target), "read": read, "color_right": read == target["color"],
             "kept_change": change(edited), "kept_change_before_paste": change(pipe.decode(result.latents)[0][0]),
             # the autoencoder's own round trip of the original: the floor of any latent-space method
-            "kept_change_autoencoder": change(pipe.decode(pipe.encode_image(original, [torch.Generator().manual_seed(i)]))[0][0])}
+            "kept_change_autoencoder": change(round_trip(pipe, original, i))}
 
 
 def outpaint_case(pipe: Pipeline, i: int, settings: dict, original_case) -> dict:
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.count} cases, {pipe.dtype}, {SETTINGS}")
     print(f"inpaint: new colour read in {figures['inpaint_color_right']:.0%}; pixels beyond the blur band changed by "
-          f"{figures['inpaint_kept_change_mean']:.3f}/255 on average (max case {figures['inpaint_kept_change_max']:.3f}; "
+          f"{figures['inpaint_kept_change_mean']:.3f}/255 on average "
+          f"(max case {figures['inpaint_kept_change_max']:.3f}; "
           f"before the paste-back {figures['inpaint_kept_change_before_paste_mean']:.3f}/255; the autoencoder's round "
           f"trip of the original alone {figures['inpaint_kept_change_autoencoder_mean']:.3f}/255)")
     print(f"outpaint: background continues in {figures['outpaint_background_continues']:.0%}")
