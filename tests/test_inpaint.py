@@ -174,11 +174,19 @@ def test_outpaint_extends_the_canvas_and_keeps_the_image(pipe):
     assert np.array_equal(out[:, 64 + 6:], np.asarray(picture())[:, 6:])  # beyond the blur band: exact
 
 
-def test_inpainting_options_on_a_model_that_cannot_use_them(tmp_path):
+def test_inpainting_options_on_a_model_that_cannot_use_them(tmp_path, capsys):
     pix2pix = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=8))
     other = Pipeline(tiny_model(pix2pix), device="cpu", dtype=torch.float32)
     with pytest.raises(FieldError, match="mask cannot be used with this checkpoint: it is an InstructPix2Pix U-Net"):
         other.img2img(picture(), "a cat", mask=box_mask(), **RUN)
+    model = save_model(other.model, tmp_path / "pix2pix.safetensors")
+    picture().save(tmp_path / "in.png")
+    box_mask().save(tmp_path / "mask.png")
+    status = main(["img2img", "a cat", "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                   "--model", str(model), "--dtype", "fp32", "--quiet", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--mask cannot be used with this checkpoint" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 # -- infotext and the command line ------------------------------------------------------------------
@@ -242,3 +250,15 @@ def test_cli_bad_inpaint_input_is_one_line_status_2_nothing_written(files, extra
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and message.format(root=root) in err[0], err
     assert not (root / "bad").exists()
+
+
+def test_cli_mask_from_the_init_image_s_alpha(files):
+    root, common = files
+    rgba = picture().convert("RGBA")
+    rgba.putalpha(Image.eval(box_mask(), lambda v: 255 - v))
+    rgba.save(root / "holed.png")
+    for mask, out in (("alpha", "alpha"), (str(root / "mask.png"), "file")):
+        assert main(["img2img", "a cat", "--init-image", str(root / "holed.png"), "--mask", mask, "--seed", "1",
+                     *common, "-o", str(root / out)]) == 0
+    made = [np.asarray(Image.open(root / out / "1.png")) for out in ("alpha", "file")]
+    assert np.array_equal(*made)
