@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .conditioning import Cond, concat_family
-from .errors import FieldError, UnsupportedModelError
+from .errors import FieldError
 from .images import pil_to_tensor, resize_to
 
 # A1111's "Masked content" (inpainting_fill), in the order of its API numbers 0..3
@@ -295,6 +295,14 @@ def start_sampling(inpainting: Inpainting, latents: torch.Tensor, denoiser, extr
     return latents, blended, extra_args, blended.blend
 
 
+def whole_image_conditioning(extra_args: dict, *, encode, size: tuple[int, int]) -> dict:
+    """extra_args for an inpainting U-Net with nothing to keep (txt2img, or img2img without a mask), as A1111
+    feeds it: the mask all 1 and the latents of an all-0 (mid-grey) masked image of `size` (height, width)."""
+    masked = encode(torch.zeros(1, 3, *size))
+    concat = torch.cat([torch.ones_like(masked[:, :1]), masked], dim=1)
+    return extra_args | {key: _with_concat(extra_args[key], concat) for key in ("cond", "uncond")}
+
+
 def _with_concat(cond: Cond | None, concat: torch.Tensor) -> Cond | None:
     return None if cond is None else Cond(context=cond.context, concat=concat, y=cond.y, control=cond.control)
 
@@ -351,14 +359,9 @@ def is_inpainting_unet(unet) -> bool:
 
 def check_model(request, unet) -> None:
     """A request that inpaints needs a model that can: every text-to-image U-Net (A1111's blend) and an
-    inpainting U-Net (its own channels), not U-Nets conditioned on something else through extra channels;
-    and an inpainting U-Net needs a mask."""
+    inpainting U-Net (its own channels), not U-Nets conditioned on something else through extra channels."""
     family = concat_family(unet.in_channels, unet.out_channels)
     masked = request.mask is not None or request.outpaint is not None
-    if is_inpainting_unet(unet) and not masked:
-        raise UnsupportedModelError(
-            f"this checkpoint is {family}: its U-Net takes {unet.in_channels} input channels and repaints under a "
-            f"mask; use img2img with --init-image and --mask (Python: mask=...), or a text-to-image checkpoint")
     if masked and unet.in_channels != unet.out_channels and not is_inpainting_unet(unet):
         raise FieldError("mask" if request.mask is not None else "outpaint",
                          f"cannot be used with this checkpoint: it is {family}, which does not inpaint; use a "

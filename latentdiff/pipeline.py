@@ -344,6 +344,9 @@ class Pipeline:
                     fresh_noise=lambda: self._randn(self._generators(seeds, noise_device), shape),
                     inpainting_unet=inpaint.is_inpainting_unet(self.config.unet))
             x = latents + noise * sigmas[0]
+        if inpainting is None and inpaint.is_inpainting_unet(self.config.unet):  # nothing to keep: all repainted
+            extra_args = inpaint.whole_image_conditioning(
+                extra_args, encode=lambda pixels: self.encode_image(pixels, gens), size=(request.height, request.width))
 
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
 

@@ -12,7 +12,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from tiny import SD1, tiny_model
+from tiny import SD1, inpainting_config, tiny_model
 
 from latentdiff import inpaint
 from latentdiff.cli import main
@@ -172,6 +172,18 @@ def test_outpaint_extends_the_canvas_and_keeps_the_image(pipe):
     out = np.asarray(result.images[0]).astype(int)
     assert out.shape == (64, 128, 3) and result.request.width == 128
     assert np.array_equal(out[:, 64 + 6:], np.asarray(picture())[:, 6:])  # beyond the blur band: exact
+
+
+def test_an_inpainting_model_without_a_mask_repaints_everything():
+    """A1111 gives an inpainting U-Net with nothing to keep the mask all 1 and a mid-grey masked image: img2img
+    without a mask is then exactly img2img under an all-white mask (same draws, same channels), and txt2img
+    runs."""
+    model = Pipeline(tiny_model(inpainting_config(SD1)), device="cpu", dtype=torch.float32)
+    plain = model.img2img(picture(), "a cat", **RUN)
+    white = model.img2img(picture(), "a cat", mask=Image.new("L", (64, 64), 255), **RUN)
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(white.images[0]))
+    drawn = np.asarray(model.txt2img("a cat", **RUN).images[0])
+    assert drawn.shape == (64, 64, 3) and drawn.std() > 1
 
 
 def test_inpainting_options_on_a_model_that_cannot_use_them(tmp_path, capsys):
