@@ -147,14 +147,16 @@ def crop_region(mask: Image.Image, padding: int, width: int, height: int) -> tup
         return None
     x1, y1 = max(box[0] - padding, 0), max(box[1] - padding, 0)
     x2, y2 = min(box[2] + padding, mask.width), min(box[3] + padding, mask.height)
-    if (x2 - x1) / (y2 - y1) > width / height:
-        y1, y2 = _widen(y1, y2, int((x2 - x1) * height / width - (y2 - y1)), mask.height)
+    ratio = width / height  # divided by, not multiplied: the same rounding as A1111 and diffusers
+    if (x2 - x1) / (y2 - y1) > ratio:
+        y1, y2 = _widen(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), mask.height)
     else:
-        x1, x2 = _widen(x1, x2, int((y2 - y1) * width / height - (x2 - x1)), mask.width)
+        x1, x2 = _widen(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), mask.width)
     return x1, y1, x2, y2
 
 
 def _widen(lo: int, hi: int, extra: int, size: int) -> tuple[int, int]:
+    """[lo, hi) grown by `extra` (the odd pixel on the far side), moved back inside [0, size), clipped."""
     lo, hi = lo - extra // 2, hi + extra - extra // 2
     shift = max(hi - size, 0) - max(-(lo - max(hi - size, 0)), 0)  # past the far edge back, then the near one
     lo, hi = lo - shift, hi - shift
