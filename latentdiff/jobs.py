@@ -21,7 +21,7 @@ FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width"
 # the per-line options of a JSON prompts file: the request's plain fields
 JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
             "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode", "mask_blur",
-            "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding")
+            "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "outpaint")
 
 
 def for_the_command_line(error: Exception) -> str:

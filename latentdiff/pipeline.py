@@ -197,7 +197,8 @@ class Pipeline:
 
     def img2img(self, image, prompt: str | list[str], negative_prompt: str | list[str] = "", **options) -> Result:
         """SDEdit: encode the image (a PIL image or a path), noise it to the strength's level, denoise the rest
-        of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple."""
+        of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple.
+        With `mask` (white = repaint) or `outpaint` it inpaints (latentdiff/inpaint.py)."""
         return self._run("img2img", dict(init_image=image, prompt=prompt, negative_prompt=negative_prompt), options)
 
     def _run(self, where: str, fields: dict, options: dict) -> Result:
