@@ -82,6 +82,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
                        help=f"with -W/-H: {', '.join(RESIZE_MODES)} (default: {DEFAULTS.resize_mode})", **flag)
         p.add_argument("--image-cfg-scale", type=float, help="InstructPix2Pix checkpoints: how closely to keep to "
                                                              "the init image, 1 = off (default: 1.5)", **flag)
+        _add_inpaint_flags(p.add_argument_group("inpainting and outpainting"), flag)
     p.add_argument("-o", "--outdir", default="outputs", help="output folder, created; files are never overwritten "
                                                              "(default: outputs)")
     p.add_argument("--prompts-file", help="batch mode: one prompt per line, or JSON lines with per-line options; "
@@ -124,6 +125,28 @@ def _add_hires_flags(p, flag: dict) -> None:
                    **flag)
     p.add_argument("--hr-prompt", help="the second pass's prompt (default: the prompt)", **flag)
     p.add_argument("--hr-negative-prompt", help="the second pass's negative prompt (default: the negative prompt)",
+                   **flag)
+
+
+def _add_inpaint_flags(p, flag: dict) -> None:
+    from .inpaint import MASKED_CONTENT
+    from .request import DEFAULTS
+    p.add_argument("--mask", help="repaint where this image is white (grey: partly), keep where black; `alpha`: "
+                                  "repaint where the init image is transparent", **flag)
+    p.add_argument("--mask-blur", dest="mask_blur", type=int, metavar="PX",
+                   help=f"blur the mask's edge by this many px (default: {DEFAULTS.mask_blur})", **flag)
+    p.add_argument("--invert-mask", dest="inpainting_mask_invert", action="store_true",
+                   help="repaint the black part instead", **flag)
+    p.add_argument("--masked-content", dest="inpainting_fill", choices=MASKED_CONTENT, metavar="CONTENT",
+                   help=f"what the repainted area starts from: {', '.join(MASKED_CONTENT)} "
+                        f"(default: {DEFAULTS.inpainting_fill})", **flag)
+    p.add_argument("--only-masked", dest="inpaint_full_res", action="store_true",
+                   help="repaint only the region around the mask, at the full image size, and paste it back", **flag)
+    p.add_argument("--mask-padding", dest="inpaint_full_res_padding", type=int, metavar="PX",
+                   help=f"with --only-masked: px around the mask (default: {DEFAULTS.inpaint_full_res_padding})",
+                   **flag)
+    p.add_argument("--outpaint", metavar="SIDE:PX,...", help="extend the canvas and paint the new border, e.g. "
+                                                             "left:64,right:64 (sides left, right, top, bottom)",
                    **flag)
 
 
@@ -297,9 +320,11 @@ def cmd_info(args) -> int:
     print(f"family:      {FAMILY_NAMES[cfg.family]}, {cfg.prediction}-prediction, native {cfg.resolution}px")
     if cfg.unet.in_channels != cfg.unet.out_channels:
         from .conditioning import concat_family
+        from .inpaint import INPAINT_EXTRA_CHANNELS
         from .instruct import is_instruct_model
-        usable = " (edits with img2img)" if is_instruct_model(cfg) else " (cannot generate yet)"
-        print(f"variant:     {concat_family(cfg.unet.in_channels, cfg.unet.out_channels)}{usable}")
+        usable = ("edits with img2img" if is_instruct_model(cfg) else "img2img --mask"
+                  if cfg.unet.in_channels - cfg.unet.out_channels == INPAINT_EXTRA_CHANNELS else "cannot generate yet")
+        print(f"variant:     {concat_family(cfg.unet.in_channels, cfg.unet.out_channels)} ({usable})")
     print(f"text:        {text_tower_name(cfg.text)}")
     for name, count in summary.parameters.items():
         print(f"{name + ':':13}{count / 1e6:.1f}M parameters")

@@ -268,7 +268,8 @@ def to_fields(info: Infotext) -> tuple[dict, list[str]]:
     fields |= hires
     if "Eta DDIM" in params and "eta" not in fields and fields.get("sampler") == "DDIM":
         fields["eta"] = _read_number("Eta DDIM", params["Eta DDIM"], float)
-    mapped = {*SCALAR_KEYS, "Size", "Sampler", "Schedule type", *DESCRIPTIVE_KEYS}
+    fields |= _inpaint_fields(params)
+    mapped = {*SCALAR_KEYS, "Size", "Sampler", "Schedule type", *DESCRIPTIVE_KEYS, *INPAINT_KEYS}
     if "eta" in fields:
         mapped.add("Eta DDIM")
     mapped |= {key for key, (field, _) in HIRES_KEYS.items() if field in hires}
@@ -285,7 +286,7 @@ def from_fields(fields: dict, extra: dict | None = None) -> str:
     names = {field: key for key, (field, _) in SCALAR_KEYS.items()}
     hires = {field: key for key, (field, _) in HIRES_KEYS.items()}
     allowed = {"prompt", "negative_prompt", "sampler", "schedule", "width", "height", *names, *hires,
-               "hr_resize_x", "hr_resize_y", "enable_hr"}
+               "hr_resize_x", "hr_resize_y", "enable_hr", *INPAINT_KEYS.values()}
     unknown = [name for name in fields if name not in allowed]
     if unknown:
         raise InputError(f"from_fields: unknown field(s) {unknown}; the infotext carries "
@@ -306,6 +307,7 @@ def from_fields(fields: dict, extra: dict | None = None) -> str:
         from .request import DEFAULTS
         written["Hires upscale"] = DEFAULTS.hr_scale  # the hires fix was on: a reader must see it
     params |= {key: written.get(key) for key in HIRES_ORDER}
+    params |= _inpaint_params(fields)
     return format_parameters(fields.get("prompt") or "", fields.get("negative_prompt") or "",
                              params | dict(extra or {}))
 
@@ -331,6 +333,45 @@ def _read_hires(params: dict) -> dict:
                              f"as 1024x1536 (0 for a side taken from the aspect ratio)")
         fields["hr_resize_x"], fields["hr_resize_y"] = int(match[1]), int(match[2])
     return fields
+
+
+# Inpainting as A1111 records it (each key only when not its default, except Mask blur, which A1111 writes
+# when it is above 0 and we always write with a mask, so that a replay never falls back to another default),
+# and latentdiff's own Outpaint ("left:64,right:64").
+INPAINT_KEYS = {"Mask blur": "mask_blur", "Mask mode": "inpainting_mask_invert", "Masked content": "inpainting_fill",
+                "Inpaint area": "inpaint_full_res", "Masked area padding": "inpaint_full_res_padding",
+                "Outpaint": "outpaint"}
+_CHOICES = {"Mask mode": {"inpaint masked": False, "inpaint not masked": True},
+            "Inpaint area": {"whole picture": False, "only masked": True}}
+
+
+def _inpaint_fields(params: dict) -> dict:
+    fields = {}
+    for key, field in INPAINT_KEYS.items():
+        if key not in params:
+            continue
+        value = params[key].strip()
+        if key in _CHOICES:
+            if value.lower() not in _CHOICES[key]:
+                choices = ", ".join(map(repr, _CHOICES[key]))
+                raise InputError(f"parameter {key!r} is {value!r}: expected one of {choices}")
+            fields[field] = _CHOICES[key][value.lower()]
+        elif key in ("Mask blur", "Masked area padding"):
+            fields[field] = _read_number(key, value, int)
+        else:
+            fields[field] = value
+    return fields
+
+
+def _inpaint_params(fields: dict) -> dict:
+    params = {"Mask blur": fields.get("mask_blur"), "Outpaint": fields.get("outpaint")}
+    if fields.get("inpainting_mask_invert"):
+        params["Mask mode"] = "Inpaint not masked"
+    if fields.get("inpainting_fill") not in (None, "original"):
+        params["Masked content"] = fields["inpainting_fill"]
+    if fields.get("inpaint_full_res"):
+        params |= {"Inpaint area": "Only masked", "Masked area padding": fields.get("inpaint_full_res_padding")}
+    return params
 
 
 def hash_entry_name(name: str) -> str:

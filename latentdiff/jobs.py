@@ -18,15 +18,18 @@ FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width"
          "enable_hr": "--hr-scale", "hr_scale": "--hr-scale", "hr_resize_x": "--hr-resize-x",
          "hr_resize_y": "--hr-resize-y", "hr_upscaler": "--hr-upscaler", "hr_second_pass_steps": "--hr-steps",
          "hr_sampler_name": "--hr-sampler", "hr_scheduler": "--hr-schedule", "hr_prompt": "--hr-prompt",
-         "hr_negative_prompt": "--hr-negative-prompt", "image_cfg_scale": "--image-cfg-scale"}
+         "hr_negative_prompt": "--hr-negative-prompt", "image_cfg_scale": "--image-cfg-scale",
+         "mask": "--mask", "mask_blur": "--mask-blur", "inpainting_mask_invert": "--invert-mask",
+         "inpainting_fill": "--masked-content", "inpaint_full_res": "--only-masked",
+         "inpaint_full_res_padding": "--mask-padding", "outpaint": "--outpaint"}
 # the fields whose flag (or prompts-file key) turns the hires fix on: A1111's enable_hr
 HIRES_SWITCHES = ("hr_scale", "hr_resize_x", "hr_resize_y")
 # the per-line options of a JSON prompts file: the request's plain fields
 JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
             "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode", "enable_hr", "hr_scale",
             "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler",
-            "hr_prompt",
-            "hr_negative_prompt", "image_cfg_scale")
+            "hr_prompt", "hr_negative_prompt", "image_cfg_scale", "mask_blur", "inpainting_mask_invert",
+            "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "outpaint")
 
 
 def for_the_command_line(error: Exception) -> str:
@@ -90,6 +93,9 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
         origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin
     if mode == "img2img" and "init_image" not in flags:
         raise InputError("img2img needs --init-image IMAGE: the picture to start from")
+    if args.from_png and "mask" not in flags and _inpainted(base):
+        raise InputError(f"--from-png {args.from_png}: this image was inpainted; replay it with --mask MASK (the "
+                         f"mask it was made with) beside --init-image")
     if not args.prompts_file:
         if "prompt" not in flags and "prompt" not in base:
             raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
@@ -119,11 +125,21 @@ def _check_strength_flag(job: Job, flags: dict, mode: str) -> None:
                          "--hr-resize-x/--hr-resize-y (img2img takes --strength)")
 
 
+def _inpainted(fields: dict) -> bool:
+    from .inpaint import INPAINT_FIELDS
+    return "outpaint" not in fields and any(name in fields for name in INPAINT_FIELDS)
+
+
 def _load_init_images(jobs: list[Job]) -> list[Job]:
-    """Each init image read once, now: a bad file fails before the model loads."""
+    """Each init image and mask read once, now: a bad file fails before the model loads."""
     from .images import load_image
+    from .inpaint import MASK_FROM_ALPHA, load_mask, mask_from_alpha
     loaded = {}
     for job in jobs:
+        mask = job.request.mask
+        if mask is not None:  # the alpha before load_image drops it
+            mask = mask_from_alpha(job.request.init_image) if mask == MASK_FROM_ALPHA else load_mask(mask)
+            job.request = job.request.replace(mask=mask)
         path = job.request.init_image
         if path is not None:
             loaded[path] = loaded.get(path) or load_image(path)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, hires, instruct, speedups
+from . import __version__, hires, inpaint, instruct, speedups
 from .conditioning import Cond, concat_family, map_tensors
 from .denoisers import CFGDenoiser, DiscreteDenoiser, InstructCFGDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
@@ -203,7 +203,8 @@ class Pipeline:
 
     def img2img(self, image, prompt: str | list[str], negative_prompt: str | list[str] = "", **options) -> Result:
         """SDEdit: encode the image (a PIL image or a path), noise it to the strength's level, denoise the rest
-        of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple."""
+        of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple.
+        With `mask` (white = repaint) or `outpaint` it inpaints (latentdiff/inpaint.py)."""
         return self._run("img2img", dict(init_image=image, prompt=prompt, negative_prompt=negative_prompt), options)
 
     def diffedit(self, image, source_prompt: str, target_prompt: str, **options):
@@ -228,7 +229,9 @@ class Pipeline:
             raise InputError(f"generate() needs a GenerationRequest, not {type(request).__name__}")
         request.validate()
         unet = self.config.unet
-        if unet.in_channels != unet.out_channels and not instruct.is_instruct_model(self.config):
+        inpaint.check_model(request, unet)
+        usable = instruct.is_instruct_model(self.config) or inpaint.is_inpainting_unet(unet)
+        if unet.in_channels != unet.out_channels and not usable:  # nothing builds the others' conditioning
             raise UnsupportedModelError(
                 f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
                 f"{unet.in_channels} input channels, and the pipeline cannot yet build that conditioning; "
@@ -240,16 +243,26 @@ class Pipeline:
         image_cfg_scale = instruct.check_request(request, self.config)
         multiple, notes = self.size_multiple(), []
         seed = secrets.randbelow(2**32) if request.seed == RANDOM_SEED else request.seed
-        width, height, image = request.width, request.height, request.init_image
+        width, height, image, mask = request.width, request.height, request.init_image, request.mask
+        if isinstance(mask, str) and mask == inpaint.MASK_FROM_ALPHA:
+            mask = inpaint.mask_from_alpha(image)
         if image is not None:
-            image = _fit_init_image(as_rgb_image(image), width, height, resize_mode(request.resize_mode), multiple,
-                                    notes)
+            image = as_rgb_image(image)
+            if request.outpaint is not None:  # the canvas first, so that Size is the canvas when replayed
+                image, mask = inpaint.outpaint_canvas(image, inpaint.outpaint_margins(request.outpaint))
+            mask = None if mask is None else inpaint.load_mask(mask)
+            fitted = _fit_init_image(image, width, height, resize_mode(request.resize_mode), multiple, notes)
+            if mask is not None:  # the mask goes where the image went
+                mask = inpaint.check_mask_size(mask, image.size, notes)
+                mask = _fit_init_image(mask.convert("RGB"), width, height, resize_mode(request.resize_mode),
+                                       multiple, []).convert("L")
+            image = fitted
             width, height = image.size
             if int(request.steps * request.strength) < 1:
                 raise FieldError("strength", f"{request.strength} with {request.steps} steps runs no step "
                                              f"(int(steps * strength) == 0): raise the strength or the steps")
         spec, schedule = request.sampler_spec  # recorded by A1111's name, with the schedule it resolves to
-        prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image,
+        prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image, mask=mask,
                                    width=width or self.config.resolution, height=height or self.config.resolution,
                                    batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode),
                                    image_cfg_scale=image_cfg_scale)
@@ -266,17 +279,20 @@ class Pipeline:
         `noise_device` (the CPU by default, so a seed gives the same image on any device)."""
         request, notes = self.prepare(request)
         images, seeds, latents = [], [], []
+        inpainting = inpaint.for_request(request, notes)  # None without a mask
         with generation_threads(self.threads):
             conds = self._conditioning(request)  # once: every iteration has the same prompts
             second_pass = hires.SecondPass(self, request, conds) if request.enable_hr else None
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
-                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device)
+                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device, inpainting)
                 if second_pass is not None:  # the hires fix: upscaled, then refined at the larger size
                     x = second_pass(x, batch_seeds, notes, callback=callback, progress=progress,
                                     noise_device=noise_device)
                 decoded, decode_notes = self.decode(x)
+                if inpainting is not None:
+                    decoded = [inpainting.paste_back(image) for image in decoded]
                 images += decoded
                 seeds += batch_seeds
                 notes += decode_notes
@@ -294,6 +310,7 @@ class Pipeline:
                       clip_skip=request.clip_skip, eta=request.eta, image_cfg_scale=request.image_cfg_scale,
                       strength=request.strength if request.init_image is not None or request.enable_hr else None,
                       **hires.infotext_fields(request, index))
+        fields |= inpaint.infotext_fields(request)
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
                 for e in used_embeddings(text, self.embeddings)}
@@ -348,7 +365,8 @@ class Pipeline:
         return cond, uncond
 
     def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
-                progress, noise_device, latents: torch.Tensor | None = None, run_steps: int | None = None):
+                progress, noise_device, inpainting: "inpaint.Inpainting | None" = None,
+                latents: torch.Tensor | None = None, run_steps: int | None = None):
         """Sampled latents for one batch; with `latents` (the hires fix's second pass), the last `run_steps`
         steps of the request's schedule from those latents plus the seeds' first noise draw."""
         spec, schedule = request.sampler_spec
@@ -369,8 +387,17 @@ class Pipeline:
             x = self._randn(gens, shape) * sigmas[0]
         else:  # draw order as diffusers' img2img: posterior sample, then the added noise
             sigmas = img2img_sigmas(sigmas, request.strength)
-            latents = self.encode_image(request.init_image, gens)
-            x = latents + self._randn(gens, shape) * sigmas[0]
+            latents = self.encode_image(request.init_image if inpainting is None else inpainting.image, gens)
+            noise = self._randn(gens, shape)
+            if inpainting is not None:
+                latents, denoiser, extra_args, finish = inpaint.start_sampling(
+                    inpainting, latents, denoiser, extra_args, encode=lambda pixels: self.encode_image(pixels, gens),
+                    fresh_noise=lambda: self._randn(self._generators(seeds, noise_device), shape),
+                    inpainting_unet=inpaint.is_inpainting_unet(self.config.unet))
+            x = latents + noise * sigmas[0]
+        if inpainting is None and inpaint.is_inpainting_unet(self.config.unet):  # nothing to keep: all repainted
+            extra_args = inpaint.whole_image_conditioning(
+                extra_args, encode=lambda pixels: self.encode_image(pixels, gens), size=(request.height, request.width))
 
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
 
@@ -387,6 +414,8 @@ class Pipeline:
         with keep_freed_memory() if keep else nullcontext():
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
+        if inpainting is not None:
+            x = finish(x)
         # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,
         # where those schedulers return the variance-preserving latents; for a schedule ending at 0 this is x / 1
         return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
@@ -394,7 +423,7 @@ class Pipeline:
     # -- autoencoder --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, gens: list[torch.Generator] | None) -> torch.Tensor:
+    def encode_image(self, image: Image.Image | torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
         """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them); without
         generators, the posterior's mean (the hires fix's image upscalers)."""
         posterior = self.posterior(image)
@@ -403,9 +432,10 @@ class Pipeline:
         return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
 
     @torch.no_grad()
-    def posterior(self, image: Image.Image):
-        """The VAE's posterior of an image (tiled as vae_tiling says): unscaled latents' mean and spread."""
-        x = pil_to_tensor(image).to(self.device, self.dtype)
+    def posterior(self, image: Image.Image | torch.Tensor):
+        """The VAE's posterior of an image (tiled as vae_tiling says): unscaled latents' mean and spread.
+        `image`: a PIL image or a (1, 3, H, W) tensor in [-1, 1]."""
+        x = (image if isinstance(image, torch.Tensor) else pil_to_tensor(image)).to(self.device, self.dtype)
         with self._on_device(self.model.vae) as vae:
             return tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
 

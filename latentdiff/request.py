@@ -14,6 +14,7 @@ from PIL import Image
 
 from .errors import FieldError, InputError
 from .hires import check_fields as check_hires_fields
+from .inpaint import check_fields as check_inpaint_fields
 from .sampling import sampler_spec
 from .schedules import schedule_names
 
@@ -44,8 +45,15 @@ class GenerationRequest:
     init_image: Image.Image | str | os.PathLike | None = None
     resize_mode: str | int = "just resize"  # img2img with width/height: how the init image gets that size
     image_cfg_scale: float | None = None  # InstructPix2Pix models only (None: 1.5 there); A1111's API name
+    # inpainting (latentdiff/inpaint.py; A1111's API names): white = repaint; a path, a PIL image or "alpha"
+    mask: Image.Image | str | os.PathLike | None = None
+    mask_blur: int = 4  # px, Gaussian standard deviation
+    inpainting_mask_invert: bool = False  # repaint the black part instead
+    inpainting_fill: str | int = "original"  # masked content: fill, original, latent noise, latent nothing (0-3)
+    inpaint_full_res: bool = False  # only the masked region (plus padding), repainted at the full size
+    inpaint_full_res_padding: int = 32
+    outpaint: str | dict | tuple | None = None  # (left, right, top, bottom) px, or "left:64,right:64"
     # room for the add-ons of later issues; each must stay empty until its feature lands
-    mask: Image.Image | None = None
     loras: tuple = ()
     embeddings: tuple = ()
     control: tuple = ()
@@ -111,9 +119,7 @@ class GenerationRequest:
         if self.init_image is not None and not isinstance(self.init_image, (Image.Image, str, os.PathLike)):
             raise FieldError("init_image", f"must be a PIL image or a file path, not {type(self.init_image).__name__}")
         check_hires_fields(self)
-        for name in ("mask",):
-            if getattr(self, name) is not None:
-                raise FieldError(name, "is not supported yet; leave it out")
+        check_inpaint_fields(self)
         for name in ("loras", "embeddings", "control"):
             if getattr(self, name):
                 raise FieldError(name, "is not supported yet; leave it out")

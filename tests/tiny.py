@@ -41,3 +41,9 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> StableDiffusion:
     away from saturation, so pixel comparisons see real gradations rather than mostly 0 and 255."""
     torch.manual_seed(seed)
     return StableDiffusion(config).eval().requires_grad_(False)
+
+
+def inpainting_config(config: ModelConfig) -> ModelConfig:
+    """The same tiny model with an inpainting U-Net: 9 inputs (latents, mask, masked-image latents)."""
+    return dataclasses.replace(config, name=config.name + "-inpainting",
+                               unet=dataclasses.replace(config.unet, in_channels=9))
