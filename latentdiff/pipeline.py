@@ -48,6 +48,16 @@ class Result:
 RUN_OPTIONS = ("callback", "progress", "return_latents", "noise_device")
 
 
+class Interrupted(Exception):
+    """Raised by a generate() callback to stop sampling early (A1111's interrupt and skip): the pipeline
+    decodes `latents` (give the step's denoised prediction) as the batch's images; `skip` moves on to the
+    next n_iter iteration, else the request ends there."""
+
+    def __init__(self, latents: torch.Tensor, step: int, *, skip: bool = False):
+        super().__init__(f"{'skipped' if skip else 'interrupted'} at step {step + 1}")
+        self.latents, self.step, self.skip = latents, step, skip
+
+
 class Pipeline:
     """Speed and memory options (off by default except the dtype / memory layout choice and the last):
     `vae_tiling` "auto" | "on" | "off": decode and encode in overlapping tiles ("auto": above 1024x1024 px);
@@ -252,13 +262,19 @@ class Pipeline:
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
-                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device)
+                try:
+                    x, stop = self._sample(request, conds, batch_seeds, callback, progress, noise_device), None
+                except Interrupted as e:  # what it has: the last step's denoised latents
+                    x, stop = e.latents, e
+                    notes.append(f"iteration {iteration + 1}: {e}")
                 decoded, decode_notes = self.decode(x)
                 images += decoded
                 seeds += batch_seeds
                 notes += decode_notes
                 if return_latents:
                     latents.append(x)
+                if stop is not None and not stop.skip:
+                    break
         return Result(images=images, seeds=seeds, latents=torch.cat(latents) if latents else None, notes=notes,
                       request=request)
 
