@@ -41,7 +41,7 @@ def server(pipeline, model_dir, tmp_path_factory):
                                   caps=Caps(max_steps=400), max_body_bytes=2 * 2**20,
                                   pipeline_options=dict(threads=1)), pipeline=pipeline)
     running = Background(app)
-    running.outdir = outdir
+    running.outdir, running.worker = outdir, app.state.worker
     yield running
     running.stop()
 
@@ -283,12 +283,12 @@ def test_malformed_json_oversized_body_and_server_still_answers(server):
     assert post(server, "txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64}).status_code == 200
 
 
-def test_a_failing_job_returns_its_error_and_the_next_job_runs(server, pipeline, monkeypatch):
+def test_a_failing_job_returns_its_error_and_the_next_job_runs(server, monkeypatch):
     from latentdiff.errors import GenerationError
 
     def broken(latents):
         raise GenerationError("the decoded image contains NaN/Inf even in float32")
-    monkeypatch.setattr(pipeline, "decode", broken)
+    monkeypatch.setattr(server.worker.pipeline, "decode", broken)  # the loaded model (switched back and forth)
     response = post(server, "txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64})
     assert response.status_code == 500 and "NaN" in response.json()["detail"]
     monkeypatch.undo()

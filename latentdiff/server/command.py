@@ -33,6 +33,8 @@ def add_serve_flags(p) -> None:
     p.add_argument("--max-images", type=int, default=caps.max_images,
                    help=f"batch_size x n_iter of a request (default: {caps.max_images})")
     p.add_argument("--max-body-mb", type=float, default=32, help="request body size (default: 32)")
+    p.add_argument("--threads", type=int, help="CPU threads per generation (default: as many as there are idle "
+                                               "cores when it starts)")
 
 
 def parse_auth(text: str | None) -> dict[str, str]:
@@ -81,7 +83,7 @@ def serve(args) -> int:
         from .app import create_app
     except ImportError as e:
         raise InputError(f"the server needs FastAPI and uvicorn ({e}): pip install 'latentdiff[serve]'") from None
-    options = dict(device=args.device, dtype=args.dtype, config=args.config, prediction=args.prediction,
+    options = dict(device=args.device, dtype=args.dtype, threads=args.threads, config=args.config, prediction=args.prediction,
                    vae=args.vae, loras=[(Path(p).expanduser(), w) for p, w in args.lora],
                    embeddings_dir=args.embeddings_dir and Path(args.embeddings_dir).expanduser())
     config = ServerConfig(model=model, model_dir=model_dir, outdir=Path(args.outdir),
