@@ -253,8 +253,9 @@ class Pipeline:
     def generate(self, request: GenerationRequest, *, callback=None, progress: bool = True,
                  return_latents: bool = False, noise_device: str = "cpu") -> Result:
         """Run a request: n_iter sampling runs of batch_size images. `callback` is called every step with the
-        step index, sigma, the current latents and the denoised prediction; initial noise is drawn on
-        `noise_device` (the CPU by default, so a seed gives the same image on any device)."""
+        step index, sigma, the current latents and the denoised prediction, and may raise Interrupted to stop
+        early (the server's interrupt and skip); initial noise is drawn on `noise_device` (the CPU by default,
+        so a seed gives the same image on any device)."""
         request, notes = self.prepare(request)
         images, seeds, latents = [], [], []
         with generation_threads(self.threads):
@@ -352,9 +353,8 @@ class Pipeline:
         if spec.noise == "brownian":  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
-        with keep_freed_memory() if keep else nullcontext():
+        with keep_freed_memory() if keep else nullcontext(), bar:  # the bar closes on an Interrupted too
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
-        bar.close()
         # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,
         # where those schedulers return the variance-preserving latents; for a schedule ending at 0 this is x / 1
         return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5

@@ -142,6 +142,17 @@ def test_other_addresses_need_auth_or_an_explicit_flag(capsys):
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
 
 
+def test_insecure_listen_warns_and_serves_on_that_address(monkeypatch, caplog, tmp_path):
+    import uvicorn
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port))
+    assert main(["serve", "--host", "0.0.0.0", "--port", "7999", "--insecure-listen", "--threads", "1",
+                 "--model-dir", str(tmp_path)]) == 0
+    assert (served["host"], served["port"]) == ("0.0.0.0", 7999)
+    assert "listening on 0.0.0.0 without --api-auth" in caplog.text
+    served["app"].state.worker.close()
+
+
 def test_importing_latentdiff_and_its_cli_needs_no_server_packages():
     code = "import sys, latentdiff, latentdiff.cli; latentdiff.cli.build_parser(); " \
            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"

@@ -5,8 +5,9 @@ and against the Python API on the same request, in one run.
 
 The server runs as its own process (`python -m latentdiff.cli serve`, a free loopback port); its RSS is
 sampled every 50 ms. Every request carries its own seed: the run checks that each is answered once with
-its seed (none lost or duplicated). Phases, in order: Python API (this process, the server idle), one
-client, N concurrent clients, the Python API again (drift). Prints latencies, throughputs and ratios.
+its seed (none lost or duplicated). Phases, in order: the Python API (in this process, the server idle)
+and one HTTP client alternated request by request (the server's cost per image), one client alone, N
+concurrent clients, one client again. Prints latencies, throughputs, RSS and ratios.
 """
 
 import argparse
@@ -91,18 +92,14 @@ def main() -> int:
         pipe = Pipeline.from_pretrained(threads=args.threads)
         results = {}
 
-        def python_api(name, n):
-            times = []
-            for k in range(n):
-                start = time.perf_counter()
-                pipe.txt2img(body["prompt"], steps=args.steps, seed=10_000 + k, sampler="Euler a", cfg_scale=7,
-                             progress=False)
-                times.append(time.perf_counter() - start)
-            results[name] = dict(mean_s=statistics.mean(times), median_s=statistics.median(times))
-
-        def one_request(client, seed):
+        def python_api(seed):
             start = time.perf_counter()
-            response = httpx.post(f"{url}/txt2img", json=body | {"seed": seed}, timeout=600)
+            pipe.txt2img(body["prompt"], steps=args.steps, seed=seed, sampler="Euler a", cfg_scale=7, progress=False)
+            return time.perf_counter() - start
+
+        def one_request(client, seed, session=httpx):
+            start = time.perf_counter()
+            response = session.post(f"{url}/txt2img", json=body | {"seed": seed}, timeout=600)
             elapsed = time.perf_counter() - start
             response.raise_for_status()
             return seed, json.loads(response.json()["info"])["all_seeds"], len(response.json()["images"]), elapsed
@@ -110,9 +107,11 @@ def main() -> int:
         def clients(name, count):
             sent = [(c, 1_000 * (c + 1) + k) for c in range(count) for k in range(args.requests)]
             start = time.monotonic()
+            def client(c):  # one connection per client, as webuiapi's requests.Session keeps
+                with httpx.Client() as session:
+                    return [one_request(c, s, session) for cc, s in sent if cc == c]
             with ThreadPoolExecutor(count) as pool:
-                per_client = [pool.submit(lambda c=c: [one_request(c, s) for cc, s in sent if cc == c])
-                              for c in range(count)]
+                per_client = [pool.submit(client, c) for c in range(count)]
                 answers = [a for f in per_client for a in f.result()]
             end = time.monotonic()
             latencies = [a[3] for a in answers]
@@ -123,21 +122,27 @@ def main() -> int:
                                  wall_s=end - start, images_per_s=len(answers) / (end - start),
                                  p50_s=percentile(latencies, 0.5), p95_s=percentile(latencies, 0.95),
                                  mean_s=statistics.mean(latencies), peak_rss_mib=rss.peak_between(start, end) / 2**20,
-                                 rss_end_mib=rss.samples[-1][1] / 2**20)
+                                 rss_mib_at_0_25_50_75_100_percent=[rss.peak_between(
+                                     start + q * (end - start) - 0.1, start + q * (end - start)) / 2**20
+                                     for q in (0, 0.25, 0.5, 0.75, 1)])
 
-        one_request(0, 1)  # warm-up (first-request costs on both sides)
-        python_api("python_api_warmup", 2)
-        python_api("python_api", args.requests)
+        one_request(0, 1), python_api(1)  # warm-up (first-request costs on both sides)
+        # the same request through the Python API and one HTTP client, alternated so that the busy machine's
+        # drift falls on both sides alike
+        pairs = [(python_api(seed), one_request(0, seed)[3]) for seed in range(10_000, 10_000 + args.requests)]
+        results["paired"] = dict(python_api_median_s=statistics.median(p for p, _ in pairs),
+                                 server_median_s=statistics.median(h for _, h in pairs),
+                                 server_over_python_api_median=statistics.median(h / p for p, h in pairs))
         clients("one_client", 1)
         clients(f"{args.clients}_clients", args.clients)
-        python_api("python_api_after", args.requests)
+        clients("one_client_after", 1)  # the busy machine's drift: one client before and after
         rss.stop()
         conc = results[f"{args.clients}_clients"]
-        base = (results["python_api"]["mean_s"] + results["python_api_after"]["mean_s"]) / 2
         results["ratios"] = dict(
-            server_over_python_api=results["one_client"]["mean_s"] / base,
-            throughput_concurrent_over_one=conc["images_per_s"] / results["one_client"]["images_per_s"],
-            rss_growth_concurrent_mib=conc["peak_rss_mib"] - results["one_client"]["peak_rss_mib"])
+            server_over_python_api=results["paired"]["server_over_python_api_median"],
+            throughput_concurrent_over_one=conc["images_per_s"] / statistics.mean(
+                results[name]["images_per_s"] for name in ("one_client", "one_client_after")),
+            peak_rss_concurrent_minus_one_client_mib=conc["peak_rss_mib"] - results["one_client"]["peak_rss_mib"])
         results["machine"] = dict(cpu=platform.processor() or _cpu_name(), cores=os.cpu_count(),
                                   load_before=load_before, load_after=os.getloadavg())
         results["settings"] = vars(args) | {"request": body}

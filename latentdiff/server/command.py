@@ -27,7 +27,8 @@ def add_serve_flags(p) -> None:
                    help="let web pages from these origins call the API (default: none; CORS off)")
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond the running one; past it: "
                                                               "503 with Retry-After (default: 16)")
-    p.add_argument("--max-steps", type=int, default=caps.max_steps, help=f"default: {caps.max_steps}")
+    p.add_argument("--max-steps", type=int, default=caps.max_steps,
+                   help=f"sampling steps of a request (default: {caps.max_steps})")
     p.add_argument("--max-pixels", type=int, default=caps.max_pixels,
                    help=f"width x height of a generated image (default: {caps.max_pixels})")
     p.add_argument("--max-images", type=int, default=caps.max_images,
