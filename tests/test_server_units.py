@@ -158,3 +158,21 @@ def test_importing_latentdiff_and_its_cli_needs_no_server_packages():
            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_previews_are_decoded_when_asked_at_most_every_ten_steps():
+    from latentdiff.server.worker import PREVIEW_EVERY, Job
+    decoded = []
+
+    class Decoder:
+        def decode(self, latents):
+            decoded.append(job.done)
+            return [Image.new("RGB", (8, 8))], []
+    job = Job("txt2img", iterations=1, steps=40)
+    on_step = job.callback(Decoder())
+    for i in range(40):
+        job.preview_wanted = True  # a client polling faster than the steps run
+        on_step({"i": i, "denoised": torch.zeros(1, 4, 1, 1)})
+    assert PREVIEW_EVERY == 10 and decoded == [1, 11, 21, 31]
+    assert Image.open(io.BytesIO(base64.b64decode(job.preview))).size == (8, 8)
+    assert job.fraction() == 1.0

@@ -169,11 +169,11 @@ def create_app(config: ServerConfig, *, pipeline=None) -> FastAPI:
         return await run_in_threadpool(respond, parsed, result, infotexts, checkpoint, model_hash)
 
     def respond(parsed, result, infotexts, checkpoint, model_hash) -> dict:
-        pngs = [png_with_infotext(image, text) for image, text in zip(result.images, infotexts)]
         if parsed.save_images:
             for image, seed, text in zip(result.images, result.seeds, infotexts):
                 save_png(image, config.outdir, str(seed), text)
-        images = [base64.b64encode(png).decode("ascii") for png in pngs] if parsed.send_images else []
+        images = [base64.b64encode(png_with_infotext(image, text)).decode("ascii")
+                  for image, text in zip(result.images, infotexts)] if parsed.send_images else []
         info = info_json(result, parsed.request, infotexts, model_name=Path(checkpoint.name).stem,
                          model_hash=model_hash, ignored=parsed.ignored)
         return {"images": images, "parameters": parsed.parameters, "info": info}

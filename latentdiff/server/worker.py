@@ -29,6 +29,11 @@ def png_base64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+# a preview is decoded at most every this many steps (A1111's show_progress_every_n_steps default): a full
+# VAE decode of a 512 px image takes seconds on a CPU, and clients poll /progress twice a second
+PREVIEW_EVERY = 10
+
+
 class Job:
     """A running job's state as /progress reports it, and its interrupt / skip switches."""
 
@@ -38,7 +43,8 @@ class Job:
         self.started = time.monotonic()
         self.timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
         self.interrupted = self.skipped = False
-        self.preview_wanted, self.preview = False, None
+        self.preview_wanted, self.preview, self.preview_at = False, None, None
+        self.done = 0  # steps done, over every iteration
 
     def callback(self, pipeline):
         """generate()'s per-step callback: counts steps, decodes a preview when one was asked for, and stops
@@ -46,9 +52,9 @@ class Job:
         def on_step(info):
             if info["i"] == 0 and self.step:
                 self.iteration += 1
-            self.step = info["i"] + 1
-            if self.preview_wanted:
-                self.preview_wanted = False
+            self.step, self.done = info["i"] + 1, self.done + 1
+            if self.preview_wanted and (self.preview_at is None or self.done - self.preview_at >= PREVIEW_EVERY):
+                self.preview_wanted, self.preview_at = False, self.done
                 try:
                     self.preview = png_base64(pipeline.decode(info["denoised"][:1])[0][0])
                 except LatentDiffError:  # a non-finite preview: keep the last one
