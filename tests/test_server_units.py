@@ -49,6 +49,8 @@ def test_sampler_index_scheduler_names_and_eta():
     # clients send eta always; A1111 hands it only to samplers that take one
     assert parse({"sampler_name": "Euler", "eta": 1.0}).request.eta is None
     assert parse({"sampler_name": "Euler a", "eta": 0.5}).request.eta == 0.5
+    assert parse({"sampler_name": "Euler a", "eta": 1.0}).request.eta is None  # its own: no "Eta" written
+    assert parse({"sampler_name": "DDIM", "eta": 1.0}).request.eta == 1.0
 
 
 def test_off_values_are_not_reported_others_are():
@@ -176,3 +178,22 @@ def test_previews_are_decoded_when_asked_at_most_every_ten_steps():
     assert PREVIEW_EVERY == 10 and decoded == [1, 11, 21, 31]
     assert Image.open(io.BytesIO(base64.b64decode(job.preview))).size == (8, 8)
     assert job.fraction() == 1.0
+
+
+def test_an_image_field_given_an_alias_arrives_decoded(monkeypatch):
+    # what the inpainting issue's one alias line ("mask": "mask") gives: the base64 mask as a PIL image
+    import latentdiff.server.schema as schema
+    monkeypatch.setitem(schema.ALIASES, "mask", "mask")
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(buffer, format="PNG")
+    fields = {}
+    monkeypatch.setattr(schema, "GenerationRequest", lambda **kw: fields.update(kw) or FakeRequest())
+    parse({"mask": base64.b64encode(buffer.getvalue()).decode()})
+    assert isinstance(fields["mask"], Image.Image) and fields["mask"].size == (64, 64)
+
+
+class FakeRequest:  # stands in for a request type that has the field
+    steps, width, height, prompt, batch_size, n_iter = 20, None, None, "", 1, 1
+
+    def validate(self):
+        return self

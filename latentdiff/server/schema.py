@@ -9,6 +9,7 @@ named in `info["ignored_fields"]` unless they hold A1111's "off" value (restore_
 
 import base64
 import binascii
+import inspect
 import io
 import json
 import warnings
@@ -33,6 +34,8 @@ ALIASES = {
 # option (or override), LoRAs and embeddings are named in the prompt; the others await their issues
 NOT_IN_A1111_JSON = {"clip_skip", "mask", "loras", "embeddings", "hires", "control"}
 IMG2IMG_ONLY = {"init_images", "resize_mode", "denoising_strength"}
+# request fields that arrive as one base64 image (init_images is a list of them, read below)
+IMAGE_FIELDS = ("mask",)
 # A1111's request defaults where they differ from GenerationRequest's (its processing classes and API models)
 A1111_DEFAULTS = {"steps": 50, "sampler_name": "Euler", "scheduler": None, "seed": RANDOM_SEED, "cfg_scale": 7.0,
                   "batch_size": 1, "n_iter": 1, "denoising_strength": 0.75, "resize_mode": 0}
@@ -123,10 +126,15 @@ def parse_generation(body: dict, mode: str, *, options: dict, checkpoint: str, c
             fields[name] = ""
     if mode == "img2img":
         fields["init_image"] = _init_image(fields.get("init_image"), caps)
+    for name in IMAGE_FIELDS:
+        if fields.get(name) not in (None, ""):
+            fields[name] = decode_image(fields[name], name, caps)
         fields.setdefault("strength", A1111_DEFAULTS["denoising_strength"])
         fields.setdefault("resize_mode", A1111_DEFAULTS["resize_mode"])
-    if fields.get("eta") is not None and not _takes_eta(fields["sampler"]):
-        fields.pop("eta")  # A1111 passes eta only to the samplers that have one; clients send it always
+    if fields.get("eta") is not None and _sampler_eta(fields["sampler"]) in (None, fields["eta"]):
+        # A1111 passes eta only to the samplers that have one (clients send it always) and records it only
+        # when it is not the sampler's own
+        fields.pop("eta")
     fields["clip_skip"] = options.get("CLIP_stop_at_last_layers", 1)
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
@@ -175,11 +183,13 @@ def scheduler_entries() -> list[tuple[str, str]]:
     return [(a1111.get(n, n), a1111.get(n, n).replace("_", " ").title()) for n in schedule_names()]
 
 
-def _takes_eta(sampler) -> bool:
+def _sampler_eta(sampler) -> float | str | None:
+    """The sampler's default eta; None if it takes none; "unknown" for an unknown sampler (validate() names it)."""
     try:
-        return GenerationRequest(sampler=sampler).sampler_spec[0].takes_eta
+        spec = GenerationRequest(sampler=sampler).sampler_spec[0]
     except InputError:
-        return True  # keep it: validate() names the unknown sampler
+        return "unknown"
+    return inspect.signature(spec.fn).parameters["eta"].default if spec.takes_eta else None
 
 
 def _check_caps(request: GenerationRequest, caps: Caps) -> None:
