@@ -207,9 +207,10 @@ def create_app(config: ServerConfig, *, pipeline=None) -> FastAPI:
     def get_options():
         path = worker.checkpoint.path
         with options_lock:
+            vae = worker.pipeline.vae_source
             return {"sd_model_checkpoint": models.title(worker.checkpoint), "sd_checkpoint_hash":
-                    models.sha256.get(path), "samples_format": "png", "outdir_samples": str(config.outdir),
-                    **options}
+                    models.sha256.get(path), "sd_vae": vae.name if vae else "Automatic", "samples_format": "png",
+                    "outdir_samples": str(config.outdir), **options}
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
@@ -268,9 +269,8 @@ def create_app(config: ServerConfig, *, pipeline=None) -> FastAPI:
 
     @app.get("/sdapi/v1/memory")
     def memory():
-        ram = psutil.virtual_memory()
-        process = psutil.Process().memory_info()
-        body = {"ram": {"free": ram.available, "used": process.rss, "total": ram.total}}
+        total, rss = psutil.virtual_memory().total, psutil.Process().memory_info().rss
+        body = {"ram": {"free": total - rss, "used": rss, "total": total}}  # A1111's: used is this process's
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
             body["cuda"] = {"system": {"free": free, "used": total - free, "total": total},

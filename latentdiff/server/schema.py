@@ -95,9 +95,8 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def parse_generation(body: dict, mode: str, *, options: dict, checkpoint: str, caps: Caps) -> Parsed:
-    """A txt2img / img2img request body -> the request to run. `options`: the server's A1111 options
-    (CLIP_stop_at_last_layers), `checkpoint`: the loaded model's title."""
+def _mapped(body: dict, mode: str) -> tuple[dict, list[str]]:
+    """(request fields from the aliased A1111 fields, the A1111 fields given that cannot be honoured)."""
     fields, ignored = {}, []
     hires_on, mask_on = bool(body.get("enable_hr")), body.get("mask") not in (None, "")
     for name, value in body.items():
@@ -106,13 +105,20 @@ def parse_generation(body: dict, mode: str, *, options: dict, checkpoint: str, c
         elif name in OFF:
             if value not in OFF[name]:
                 ignored.append(name)
-        elif name in HIRES_PARTS or name in MASK_PARTS or name in SERVER_FIELDS or name in NO_EFFECT:
-            pass  # ignored with their switch (enable_hr, mask), or read below, or change nothing
-        elif mode == "txt2img" and name in IMG2IMG_ONLY:
-            pass  # txt2img's denoising_strength is the hires fix's
-        else:
-            ignored.append(name)
-    ignored += [name for name in body if hires_on and name in HIRES_PARTS or mask_on and name in MASK_PARTS]
+        elif name in HIRES_PARTS:
+            ignored += [name] if hires_on else []
+        elif name in MASK_PARTS:
+            ignored += [name] if mask_on else []
+        elif name not in SERVER_FIELDS | NO_EFFECT and not (mode == "txt2img" and name in IMG2IMG_ONLY):
+            ignored.append(name)  # a field unknown here; txt2img leaves the img2img fields unused (A1111 too:
+            # its txt2img denoising_strength is the hires fix's, reported with enable_hr)
+    return fields, ignored
+
+
+def parse_generation(body: dict, mode: str, *, options: dict, checkpoint: str, caps: Caps) -> Parsed:
+    """A txt2img / img2img request body -> the request to run. `options`: the server's A1111 options
+    (CLIP_stop_at_last_layers), `checkpoint`: the loaded model's title."""
+    fields, ignored = _mapped(body, mode)
     fields.setdefault("steps", A1111_DEFAULTS["steps"])
     if fields.get("sampler") is None:
         fields["sampler"] = body.get("sampler_index") or A1111_DEFAULTS["sampler_name"]
@@ -126,11 +132,11 @@ def parse_generation(body: dict, mode: str, *, options: dict, checkpoint: str, c
             fields[name] = ""
     if mode == "img2img":
         fields["init_image"] = _init_image(fields.get("init_image"), caps)
+        fields.setdefault("strength", A1111_DEFAULTS["denoising_strength"])
+        fields.setdefault("resize_mode", A1111_DEFAULTS["resize_mode"])
     for name in IMAGE_FIELDS:
         if fields.get(name) not in (None, ""):
             fields[name] = decode_image(fields[name], name, caps)
-        fields.setdefault("strength", A1111_DEFAULTS["denoising_strength"])
-        fields.setdefault("resize_mode", A1111_DEFAULTS["resize_mode"])
     if fields.get("eta") is not None and _sampler_eta(fields["sampler"]) in (None, fields["eta"]):
         # A1111 passes eta only to the samplers that have one (clients send it always) and records it only
         # when it is not the sampler's own
