@@ -139,6 +139,8 @@ def test_other_addresses_need_auth_or_an_explicit_flag(capsys):
     assert "--api-auth: 'nopassword' is not USER:PASS" in capsys.readouterr().err
     assert main(["serve", "--model", "/no/such.safetensors"]) == 2
     assert "model not found" in capsys.readouterr().err
+    assert main(["serve", "-o", __file__ + "/out"]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
     assert parse_auth("a:b, c:d:e") == {"a": "b", "c": "d:e"}
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")

@@ -3,6 +3,7 @@ flag for any other address), then uvicorn. FastAPI and uvicorn are imported only
 
 import ipaddress
 import logging
+import os
 from pathlib import Path
 
 from ..errors import InputError
@@ -60,7 +61,6 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(args) -> int:
-    from .app import ServerConfig
     from .schema import Caps
     users = parse_auth(args.api_auth)
     if not is_loopback(args.host) and not users:
@@ -75,23 +75,27 @@ def serve(args) -> int:
     model = Path(args.model).expanduser() if args.model else demo_model()
     if not model.exists():
         raise InputError(f"model not found: {args.model} (pass --model PATH)")
+    outdir = Path(args.outdir).expanduser().absolute()
+    existing = next(p for p in (outdir, *outdir.parents) if p.exists())  # save_images creates the rest
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(f"-o/--outdir {args.outdir}: {existing} is not a writable folder; choose another")
     model_dir = Path(args.model_dir).expanduser() if args.model_dir else None
     if model_dir is not None and not model_dir.is_dir():
         raise InputError(f"--model-dir {args.model_dir}: no such folder")
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import ServerConfig, create_app
     except ImportError as e:
         raise InputError(f"the server needs FastAPI and uvicorn ({e}): pip install 'latentdiff[serve]'") from None
-    options = dict(device=args.device, dtype=args.dtype, threads=args.threads, config=args.config, prediction=args.prediction,
-                   vae=args.vae, loras=[(Path(p).expanduser(), w) for p, w in args.lora],
+    options = dict(device=args.device, dtype=args.dtype, threads=args.threads, config=args.config,
+                   prediction=args.prediction, vae=args.vae, loras=[(Path(p).expanduser(), w) for p, w in args.lora],
                    embeddings_dir=args.embeddings_dir and Path(args.embeddings_dir).expanduser())
-    config = ServerConfig(model=model, model_dir=model_dir, outdir=Path(args.outdir),
+    origins = tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip())
+    config = ServerConfig(model=model, model_dir=model_dir, outdir=outdir,
                           caps=Caps(max_steps=args.max_steps, max_pixels=args.max_pixels, max_images=args.max_images),
                           max_body_bytes=int(args.max_body_mb * 2**20), queue_size=args.queue_size,
-                          api_auth=users, pipeline_options=options,
-                          cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()))
+                          api_auth=users, pipeline_options=options, cors_origins=origins)
     app = create_app(config)
     print(f"latentdiff serve: http://{args.host}:{args.port}/ (API at /sdapi/v1; Ctrl+C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
