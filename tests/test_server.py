@@ -197,6 +197,21 @@ def test_plain_http_txt2img_as_a1111_docs(server):
     assert png_parameters(image)["Seed"] == str(info["seed"])
 
 
+def test_plain_http_img2img_with_raw_base64_and_a_resize_mode(server):
+    start = Image.new("RGB", (96, 64), (30, 30, 200))
+    body = {"init_images": [b64_png(start)], "prompt": "a red square", "steps": 10, "denoising_strength": 0.6,
+            "width": 64, "height": 64, "resize_mode": 1, "seed": 9, "include_init_images": True}
+    response = post(server, "img2img", body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    image = Image.open(io.BytesIO(base64.b64decode(result["images"][0])))
+    assert image.size == (64, 64)  # "crop and resize" from 96x64
+    params = png_parameters(image)
+    assert params["Denoising strength"] == "0.6" and params["Seed"] == "9" and params["Steps"] == "10"
+    assert json.loads(result["info"])["denoising_strength"] == 0.6
+    assert result["parameters"]["init_images"] == body["init_images"]  # include_init_images: echoed
+
+
 def test_unhonoured_fields_are_accepted_and_listed(server):
     body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "restore_faces": True, "styles": ["s"],
             "enable_hr": True, "hr_scale": 2, "tiling": False, "my_extension_field": 1, "send_images": False,
