@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cast the weights (e.g. fp16 halves the size); default: keep the source's dtypes")
     sub.add_parser("samplers", help="list sampler names and schedules")
     diffedit_cli.add_parser(sub)
+    from .server.command import add_serve_flags
+    serve = sub.add_parser("serve", help="an A1111-compatible HTTP API (/sdapi/v1) and a web page")
+    add_serve_flags(serve)
+    _add_model_flags(serve)
     return parser
 
 
@@ -360,8 +364,13 @@ def cmd_samplers(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server.command import serve
+    return serve(args)
+
+
 COMMANDS = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "info": cmd_info, "convert": cmd_convert,
-            "samplers": cmd_samplers, "diffedit": diffedit_cli.run}
+            "samplers": cmd_samplers, "diffedit": diffedit_cli.run, "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

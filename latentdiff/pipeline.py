@@ -50,6 +50,16 @@ class Result:
 RUN_OPTIONS = ("callback", "progress", "return_latents", "noise_device")
 
 
+class Interrupted(Exception):
+    """Raised by a generate() callback to stop sampling early (A1111's interrupt and skip): the pipeline
+    decodes `latents` (give the step's denoised prediction) as the batch's images; `skip` moves on to the
+    next n_iter iteration, else the request ends there."""
+
+    def __init__(self, latents: torch.Tensor, step: int, *, skip: bool = False):
+        super().__init__(f"{'skipped' if skip else 'interrupted'} at step {step + 1}")
+        self.latents, self.step, self.skip = latents, step, skip
+
+
 class Pipeline:
     """Speed and memory options (off by default except the dtype / memory layout choice and the last):
     `vae_tiling` "auto" | "on" | "off": decode and encode in overlapping tiles ("auto": above 1024x1024 px);
@@ -275,8 +285,9 @@ class Pipeline:
     def generate(self, request: GenerationRequest, *, callback=None, progress: bool = True,
                  return_latents: bool = False, noise_device: str = "cpu") -> Result:
         """Run a request: n_iter sampling runs of batch_size images. `callback` is called every step with the
-        step index, sigma, the current latents and the denoised prediction; initial noise is drawn on
-        `noise_device` (the CPU by default, so a seed gives the same image on any device)."""
+        step index, sigma, the current latents and the denoised prediction, and may raise Interrupted to stop
+        early (the server's interrupt and skip); initial noise is drawn on `noise_device` (the CPU by default,
+        so a seed gives the same image on any device)."""
         request, notes = self.prepare(request)
         images, seeds, latents = [], [], []
         inpainting = inpaint.for_request(request, notes)  # None without a mask
@@ -286,10 +297,15 @@ class Pipeline:
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
-                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device, inpainting)
-                if second_pass is not None:  # the hires fix: upscaled, then refined at the larger size
-                    x = second_pass(x, batch_seeds, notes, callback=callback, progress=progress,
-                                    noise_device=noise_device)
+                try:
+                    x, stop = self._sample(request, conds, batch_seeds, callback, progress, noise_device,
+                                           inpainting), None
+                    if second_pass is not None:  # the hires fix: upscaled, then refined at the larger size
+                        x = second_pass(x, batch_seeds, notes, callback=callback, progress=progress,
+                                        noise_device=noise_device)
+                except Interrupted as e:  # what it has: the last step's denoised latents
+                    x, stop = e.latents, e
+                    notes.append(f"iteration {iteration + 1}: {e}")
                 decoded, decode_notes = self.decode(x)
                 if inpainting is not None:
                     decoded = [inpainting.paste_back(image) for image in decoded]
@@ -298,6 +314,8 @@ class Pipeline:
                 notes += decode_notes
                 if return_latents:
                     latents.append(x)
+                if stop is not None and not stop.skip:
+                    break
         return Result(images=images, seeds=seeds, latents=torch.cat(latents) if latents else None, notes=notes,
                       request=request)
 
@@ -411,9 +429,8 @@ class Pipeline:
         if spec.noise == "brownian":  # its two draws per step must correlate like a Brownian path
             noise = brownian_noise_sampler(x, draw=noise)
         keep = self.keep_freed_memory and self.device.type == "cpu"
-        with keep_freed_memory() if keep else nullcontext():
+        with keep_freed_memory() if keep else nullcontext(), bar:  # the bar closes on an Interrupted too
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
-        bar.close()
         if inpainting is not None:
             x = finish(x)
         # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,
