@@ -1,4 +1,4 @@
-"""The `latentdiff` command: txt2img, img2img, info, convert, samplers."""
+"""The `latentdiff` command: txt2img, img2img, info, convert, samplers (and train, in train/personal_cli.py)."""
 
 import argparse
 import logging
@@ -115,12 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", metavar="{fp32,fp16,bf16}",
                       help="cast the weights (e.g. fp16 halves the size); default: keep the source's dtypes")
     sub.add_parser("samplers", help="list sampler names and schedules")
+    sub.add_parser("train", help="teach a model a concept: train embedding|lora|dreambooth (see `train --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .memory import use_huge_pages
     use_huge_pages()  # before any tensor exists: PyTorch reads the switch at its first allocation
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # `latentdiff train embedding|lora|dreambooth ...`: its own parser, in train/
+        from .train.personal_cli import main as train_main
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
