@@ -38,7 +38,7 @@ from ..prompts import encode_prompts
 from ..resources import demo_model
 from .diffusion import epoch_order
 from .loop import Stage, StageRecipe, run_stage
-from .personal_data import Example, common_word_warning, read_examples
+from .personal_data import Example, common_word_warning, image_files, read_examples
 from .recipe import Recipe, default_mixed_precision, sample_grid
 
 log = logging.getLogger("latentdiff")
@@ -197,6 +197,7 @@ def train_personal(method: Method, settings: Settings, details: dict) -> Path:
             raise InputError(f"{name}={value}: must be at least 1")
     if not settings.lr > 0:
         raise InputError(f"lr={settings.lr}: the learning rate must be positive")
+    image_files(Path(settings.images).expanduser())  # a wrong folder fails before the model loads
 
     cpu = settings.cpu or not torch.cuda.is_available()  # cpu=True sets up multi-process CPU runs (gloo)
     device = PartialState(cpu=cpu).device
@@ -215,7 +216,7 @@ def train_personal(method: Method, settings: Settings, details: dict) -> Path:
 
     if accelerator.is_main_process:
         method.write(run, stage)
-        prompts = settings.sample_prompts or tuple(dict.fromkeys(run.captions))[:8]
+        prompts = tuple(p.replace("[name]", token) for p in settings.sample_prompts) or tuple(dict.fromkeys(run.captions))[:8]
         recipe = dataclasses.replace(Recipe(), sample_prompts=prompts, sample_steps=settings.sample_steps,
                                      sample_cfg_scale=settings.sample_cfg_scale)
         grid = save_png(sample_grid(method.sample_pipeline(run), recipe), output.parent, f"{output.stem}-samples")

@@ -42,12 +42,7 @@ def read_examples(folder, *, resolution: int, token: str, template: str | None =
     """The folder's images and captions (see the module docstring). `require_token`: every caption must
     contain `token` (textual inversion and DreamBooth learn it from those captions)."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"images: {folder} is not a folder; pass the folder that holds the concept's pictures")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InputError(f"images: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the pictures of "
-                         "the concept there (3-20 are usual)")
+    files = image_files(folder)
     examples, resized = [], []
     for path in files:
         image = load_image(path)  # InputError naming the file for anything unreadable
@@ -63,6 +58,17 @@ def read_examples(folder, *, resolution: int, token: str, template: str | None =
         log.info("%d of %d images are not %dx%d (%s): each is scaled to %d px on its shorter side and centre-"
                  "cropped", len(resized), len(files), resolution, resolution, ", ".join(resized[:3]), resolution)
     return examples
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of the folder, sorted; InputError if it is no folder or holds none."""
+    if not folder.is_dir():
+        raise InputError(f"images: {folder} is not a folder; pass the folder that holds the concept's pictures")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"images: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the pictures of "
+                         "the concept there (3-20 are usual)")
+    return files
 
 
 def _caption(path: Path, template: str | None, token: str) -> str:
