@@ -249,6 +249,8 @@ def test_input_folder_errors(setup, tmp_path):
     (tmp_path / "b.txt").write_text("a red circle")
     with pytest.raises(Exception, match=r"b\.png: its caption 'a red circle' does not contain 'x'"):
         read_examples(tmp_path, resolution=64, token="x")
+    with pytest.raises(Exception, match="does not contain 'red c'"):  # a word of its own, as triggers are found
+        read_examples(tmp_path, resolution=64, token="red c")
     (example,) = read_examples(tmp_path, resolution=64, token="x", template="[filewords], by [name]")
     assert example.caption == "a red circle, by x"
 
@@ -305,3 +307,19 @@ def test_cli_runs_and_maps_errors_to_one_line(setup, capsys):
                  "--model", str(base)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a folder" in err
+
+
+def test_v_models_learn_diffusers_velocity():
+    """SD 2.x 768-v models regress v = sqrt(abar) eps - sqrt(1 - abar) x0, diffusers' get_velocity."""
+    from diffusers import DDPMScheduler
+    from tiny import SD2_V
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=SD2_V.beta_start, beta_end=SD2_V.beta_end)
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(3, 4, 8, 8, generator=g), "noise": torch.randn(3, 4, 8, 8, generator=g),
+             "timesteps": torch.tensor([0, 500, 999])}
+    v = scheduler.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])
+    predicts_v = lambda x, t, context: v  # noqa: E731 - a "network" whose output is diffusers' v
+    mse = denoising_mse(predicts_v, batch, None, alphas_cumprod_for(SD2_V).float(), "v")
+    assert mse.max() < 1e-10
+    eps_mse = denoising_mse(predicts_v, batch, None, alphas_cumprod_for(SD2_V).float(), "eps")
+    assert eps_mse[2] > 0.5  # at t = 999, v is about -x0, far from eps: the target depends on the kind

@@ -11,6 +11,7 @@
 """
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,8 @@ class Example:
 def read_examples(folder, *, resolution: int, token: str, template: str | None = None,
                   require_token: bool = True) -> list[Example]:
     """The folder's images and captions (see the module docstring). `require_token`: every caption must
-    contain `token` (textual inversion and DreamBooth learn it from those captions)."""
+    contain `token` as a word of its own, as prompts.find_triggers finds trigger words (textual inversion
+    and DreamBooth learn it from those captions)."""
     folder = Path(folder).expanduser()
     files = image_files(folder)
     examples, resized = [], []
@@ -50,7 +52,7 @@ def read_examples(folder, *, resolution: int, token: str, template: str | None =
             resized.append(f"{path.name} {image.width}x{image.height}")
             image = resize_to(image, resolution, resolution, "crop and resize")
         caption = _caption(path, template, token)
-        if require_token and token not in caption:
+        if require_token and not re.search(rf"(?<!\w){re.escape(token)}(?!\w)", caption, re.I):
             raise InputError(f"{path}: its caption {caption!r} does not contain {token!r}; put [name] in its .txt "
                              "caption or in the template (--template)")
         examples.append(Example(path, image_to_tensor(image), caption))
