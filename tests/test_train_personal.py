@@ -190,7 +190,8 @@ def test_dreambooth_fits_the_instances_and_writes_a_checkpoint(setup, captured, 
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), from_folder.state_dict().values()))
     captions, images = instance_data(setup, "sks star")
     assert fixed_loss(trained, captions, images) < 0.97 * fixed_loss(base, captions, images)
-    logged = [json.loads(line) for line in (root / "db-training" / "logs" / "dreambooth.jsonl").read_text().splitlines()]
+    log = root / "db-training" / "logs" / "dreambooth.jsonl"
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert {"instance", "prior"} <= set(logged[0])  # both parts of the loss, logged
 
 

@@ -90,14 +90,26 @@ def concept_scores(pipeline: Pipeline, concept: str) -> dict:
 
 
 def timed(command: list[str], log: Path) -> dict:
-    """Run `command` under GNU time -v; its wall clock and peak RSS."""
+    """Run `command` under GNU time -v, its output into `log`; its figures (time_figures)."""
     with log.open("w") as f:
         subprocess.run(["/usr/bin/time", "-v", *command], stdout=f, stderr=subprocess.STDOUT, check=True)
+    return time_figures(log)
+
+
+def time_figures(log: Path) -> dict:
+    """Wall clock, CPU seconds (user + system), the share of a core it got, and peak RSS from GNU time's
+    report. On a shared machine the CPU seconds say what the run costs; wall time depends on the load."""
     text = log.read_text()
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
+
+    def field(name: str) -> str:
+        return re.search(rf"{re.escape(name)}: (\S+)", text).group(1)
+
+    wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)")
     seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(wall.split(":"))))
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
-    return {"wall_seconds": round(seconds, 1), "peak_rss_mb": round(rss / 1024, 1)}
+    return {"wall_seconds": round(seconds, 1),
+            "cpu_seconds": round(float(field("User time (seconds)")) + float(field("System time (seconds)")), 1),
+            "cpu_share": field("Percent of CPU this job got"),
+            "peak_rss_mb": round(int(field("Maximum resident set size (kbytes)")) / 1024, 1)}
 
 
 def pipeline_for(name: str, out: Path) -> Pipeline:
@@ -143,11 +155,15 @@ def main(argv=None) -> int:
             entry |= timed(command, out / f"{stem}.log")
             entry["bytes"] = output.stat().st_size
             save()
+        if "cpu_seconds" not in entry:  # results of an earlier version of this script
+            entry |= time_figures(out / f"{stem}.log")
+            save()
         if "concept" not in entry:
             entry["concept"] = concept_scores(pipeline_for(name, out), concept)
             save()
         print(f"{name}: concept {entry['concept']['concept']:.0%} background {entry['concept']['background']:.0%} "
-              f"wall {entry.get('wall_seconds')} s peak {entry.get('peak_rss_mb')} MB bytes {entry.get('bytes')}")
+              f"wall {entry['wall_seconds']} s (CPU {entry['cpu_seconds']} s, {entry['cpu_share']} of a core) "
+              f"peak {entry['peak_rss_mb']} MB, {entry['bytes']} bytes")
     if "baseline" in wanted:
         entry = results.setdefault("baseline", {})
         if "concept" not in entry:

@@ -74,7 +74,8 @@ class DreamBoothLoss(nn.Module):
             rows = index.tolist() + ([len(run.captions)] * n if self.class_latents else [])
             context = self.context[rows]
         else:
-            prompts = [run.captions[i] for i in index.tolist()] + ([self.class_prompt] * n if self.class_latents else [])
+            prompts = [run.captions[i] for i in index.tolist()]
+            prompts += [self.class_prompt] * n if self.class_latents else []
             context = run.encode(prompts, text_encoder=self.text_encoder)
         mse = denoising_mse(self.unet, batch, context, self.alphas_cumprod, run.model.config.prediction)
         if not self.class_latents:

@@ -117,7 +117,8 @@ class LoRALoss(nn.Module):
         index = batch["index"]
         context = (self.context[index.to(self.context.device)] if not self.text_trained
                    else run.encode([run.captions[i] for i in index.tolist()]))
-        return denoising_mse(run.model.unet, batch, context, self.alphas_cumprod, run.model.config.prediction).mean(), {}
+        mse = denoising_mse(run.model.unet, batch, context, self.alphas_cumprod, run.model.config.prediction)
+        return mse.mean(), {}
 
 
 @dataclass(frozen=True)

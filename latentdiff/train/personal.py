@@ -216,7 +216,8 @@ def train_personal(method: Method, settings: Settings, details: dict) -> Path:
 
     if accelerator.is_main_process:
         method.write(run, stage)
-        prompts = tuple(p.replace("[name]", token) for p in settings.sample_prompts) or tuple(dict.fromkeys(run.captions))[:8]
+        prompts = (tuple(p.replace("[name]", token) for p in settings.sample_prompts)
+                   or tuple(dict.fromkeys(run.captions))[:8])
         recipe = dataclasses.replace(Recipe(), sample_prompts=prompts, sample_steps=settings.sample_steps,
                                      sample_cfg_scale=settings.sample_cfg_scale)
         grid = save_png(sample_grid(method.sample_pipeline(run), recipe), output.parent, f"{output.stem}-samples")
@@ -227,7 +228,8 @@ def train_personal(method: Method, settings: Settings, details: dict) -> Path:
                   "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                   "torch_threads": torch.get_num_threads(), "images": [str(e.path) for e in examples],
                   "captions": run.captions,
-                  "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()},
+                  "settings": {k: str(v) if isinstance(v, Path) else v
+                               for k, v in dataclasses.asdict(settings).items()},
                   **details}
         (work / "training.json").write_text(json.dumps(record, indent=1))
     accelerator.wait_for_everyone()

@@ -48,7 +48,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
         p.add_argument("--lr", type=float, default=lr, help=f"learning rate, constant (default: {lr:g})")
         p.add_argument("--batch-size", type=int, default=1, help="images per step, over all processes (default: 1)")
-        p.add_argument("--seed", type=int, default=0, help="seeds the data order, noise and initialisation (default: 0)")
+        p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and initialisation (default: 0)")
         p.add_argument("--noise-offset", type=float, default=0.0,
                        help="offset noise (default: 0; the bundled model was trained with 0.4)")
         p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: 100)")

@@ -66,9 +66,9 @@ class TextualInversion:
 
     def caption_token(self, settings: Settings) -> str:
         if Path(settings.output).stem != settings.token:
-            raise InputError(f"output {settings.output}: A1111, ComfyUI and latentdiff take an embedding's trigger word "
-                             f"from its file name; name the output {settings.token}.safetensors (or use the token "
-                             f"{Path(settings.output).stem!r})")
+            raise InputError(f"output {settings.output}: A1111, ComfyUI and latentdiff take an embedding's trigger "
+                             f"word from its file name; name the output {settings.token}.safetensors (or use the "
+                             f"token {Path(settings.output).stem!r})")
         if not 1 <= self.vectors <= 75:
             raise InputError(f"vectors={self.vectors}: use 1 to 75 vectors per token (a prompt chunk holds 75)")
         return settings.token
