@@ -49,6 +49,10 @@ RUNS = {
     "dreambooth-no-prior": ("dreambooth", "gstar-db-noprior", "sks star",
                             ["--token", "sks", "--class-word", "star", "--prior-weight", "0", "--steps", "300",
                              "--lr", "2e-4"]),
+    # twice the steps: the 300-step run drew some stars in the class images' colours (orange, white)
+    "dreambooth-600": ("dreambooth", "gstar-db-600", "sks star", ["--token", "sks", "--class-word", "star",
+                                                                  "--class-images", "50", "--steps", "600",
+                                                                  "--lr", "2e-4"]),
 }
 
 
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
         print(f"baseline: concept {entry['concept']['concept']:.0%} background {entry['concept']['background']:.0%}")
     if "prior" in wanted:
         prior = results.setdefault("prior", {})
-        for name in ("baseline", "dreambooth", "dreambooth-no-prior"):
+        for name in ("baseline", *(n for n in RUNS if RUNS[n][0] == "dreambooth")):
             if name not in prior and (name == "baseline" or (out / f"{RUNS[name][1]}.safetensors").exists()):
                 scores = evaluate(pipeline_for(name, out), count=100, split="train")
                 prior[name] = {k: scores[k] for k in ("n", "background", "color", "shape", "position")}
