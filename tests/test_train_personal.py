@@ -324,3 +324,23 @@ def test_v_models_learn_diffusers_velocity():
     assert mse.max() < 1e-10
     eps_mse = denoising_mse(predicts_v, batch, None, alphas_cumprod_for(SD2_V).float(), "eps")
     assert eps_mse[2] > 0.5  # at t = 999, v is about -x0, far from eps: the target depends on the kind
+
+
+def test_dreambooth_can_train_the_text_encoder_without_prior(setup, tmp_path):
+    path = train_dreambooth(settings(setup, "db-text", "sks", lr=2e-3, steps=2), class_word="star", prior_weight=0,
+                            train_text_encoder=True, save_dtype="fp32")
+    assert not (path.parent / "db-text-training" / "class-images").exists()  # no prior loss, no class images
+    trained, base = load_model(path), load_model(setup[1])
+    changed = {part: any(not torch.equal(a, b) for a, b in zip(getattr(trained, part).state_dict().values(),
+                                                                getattr(base, part).state_dict().values()))
+               for part in ("unet", "text_encoder", "vae")}
+    assert changed == {"unet": True, "text_encoder": True, "vae": False}
+
+
+def test_lora_text_targets_skip_layers_the_model_never_runs():
+    from tiny import SD2_V
+    from latentdiff.train.lora import LoRANetwork
+    network = LoRANetwork(tiny_model(SD2_V), ("text",), rank=2, alpha=2, seed=0)
+    layers = {int(name.split("_layers_")[1].split("_")[0]) for name in network.adapters}
+    assert layers == {0, 1}  # 3 layers, SD 2.x reads the penultimate: the last gets no gradient, no adapter
+    assert len(network.adapters) == 2 * 6  # q, k, v, out, fc1, fc2
