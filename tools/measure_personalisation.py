@@ -53,6 +53,10 @@ RUNS = {
     "dreambooth-600": ("dreambooth", "gstar-db-600", "sks star", ["--token", "sks", "--class-word", "star",
                                                                   "--class-images", "50", "--steps", "600",
                                                                   "--lr", "2e-4"]),
+    # half the learning rate over the 600 steps: does the prior drift less?
+    "dreambooth-600-lr1e-4": ("dreambooth", "gstar-db-600-lr1e-4", "sks star",
+                              ["--token", "sks", "--class-word", "star", "--class-images", "50", "--steps", "600",
+                               "--lr", "1e-4"]),
 }
 
 
