@@ -156,7 +156,7 @@ def test_diffusers_load_lora_weights_reads_the_trained_file(setup, tmp_path):
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (the `test` extra)")
     from diffusers import StableDiffusionPipeline
     path = train_lora(settings(setup, "lora-diffusers", "sks star", lr=2e-2, steps=4), rank=4,
-                      targets=("attention", "ff", "text"))
+                      targets=("attention", "ff", "conv", "text"))
     folder = save_model(load_model(setup[1]), tmp_path / "folder")
     theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
                                                      local_files_only=True)

@@ -75,11 +75,7 @@ class TextualInversion:
 
     def stage(self, run: Run) -> Stage:
         module = EmbeddingLoss(run, initial_vectors(run, self.init_word, self.vectors))
-
-        def make_batch(step: int, first: int, count: int, generator: torch.Generator) -> dict:
-            return run.draw(step, first, count, generator)
-
-        return Stage(self.name, module, make_batch, stage_recipe(run.settings))
+        return Stage(self.name, module, run.draw, stage_recipe(run.settings))
 
     def write(self, run: Run, stage: Stage) -> Path:
         vectors = stage.module.vectors.detach().float().cpu()
