@@ -308,6 +308,10 @@ def test_cli_runs_and_maps_errors_to_one_line(setup, capsys):
                  "--model", str(base)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a folder" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "lora", str(images)])  # no -o
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "-o/--output" in err
 
 
 def test_v_models_learn_diffusers_velocity():

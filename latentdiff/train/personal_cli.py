@@ -23,8 +23,15 @@ METHODS = ("embedding", "lora", "dreambooth")
 DEFAULTS = {"embedding": (3000, 5e-3), "lora": (500, 1e-4), "dreambooth": (400, 5e-6)}
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command (and its subcommands: they share the class)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
     helps = {"embedding": "textual inversion: a new word's embedding, the model frozen (.safetensors, emb_params)",
              "lora": "LoRA adapters on the U-Net (and optionally text encoder), kohya .safetensors",
