@@ -1,4 +1,5 @@
-"""The `latentdiff` command: txt2img, img2img, info, convert, samplers, diffedit."""
+"""The `latentdiff` command: txt2img, img2img, info, convert, samplers, diffedit, serve (server/command.py)
+and train (train/personal_cli.py)."""
 
 import argparse
 import logging
@@ -173,12 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an A1111-compatible HTTP API (/sdapi/v1) and a web page")
     add_serve_flags(serve)
     _add_model_flags(serve)
+    sub.add_parser("train", help="teach a model a concept: train embedding|lora|dreambooth (see `train --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .memory import use_huge_pages
     use_huge_pages()  # before any tensor exists: PyTorch reads the switch at its first allocation
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # `latentdiff train embedding|lora|dreambooth ...`: its own parser, in train/
+        from .train.personal_cli import main as train_main
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -1,5 +1,7 @@
 """`python -m latentdiff.train --out DIR [--resume] [--preset demo] [--set unet.steps=3000 ...]`
 
+(`python -m latentdiff.train embedding|lora|dreambooth ...` personalises a model instead: personal_cli.py.)
+
 Runs on one CPU or GPU as is, and data-parallel under
 `accelerate launch --multi_gpu --num_processes N -m latentdiff.train ...` (on a machine without GPUs this
 starts N CPU processes: accelerate's plain `--cpu` launcher starts only one without MPI).
@@ -15,6 +17,8 @@ from accelerate import PartialState
 
 from ..config import config_from_dict, preset
 from ..errors import InputError, LatentDiffError
+from .personal_cli import METHODS
+from .personal_cli import main as personal_main
 from .recipe import Recipe, overrides_from_file, train, with_overrides
 
 
@@ -38,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in METHODS:  # `python -m latentdiff.train embedding|lora|dreambooth ...`: personal_cli.py
+        return personal_main(argv, prog="python -m latentdiff.train")
     args = parse_args(argv)
     try:
         if args.config is not None:

@@ -1,0 +1,151 @@
+"""DreamBooth (Ruiz et al. 2023): fine-tune the U-Net (and optionally the text encoder) on the instance
+images captioned "a [identifier] [class]", with the class-specific prior-preservation loss.
+
+Prior preservation: before training, the base model draws `class_images` pictures of the class prompt
+("a [class]"), seeds 0, 1, ...; every step adds, for each instance sample, one class image's denoising loss
+times `prior_weight`, so the model keeps drawing the class as it did while learning that the identifier
+means the subject. The class images are kept in the run's work folder and reused on resume.
+prior_weight = 0 turns it off (plain fine-tuning, which drifts: benchmarks/personalisation.md).
+
+Written as a whole single-file checkpoint (loader.save_model, `save_dtype`), optionally also a diffusers
+folder.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..images import load_image
+from ..loader import load_model, save_model
+from ..pipeline import Pipeline
+from ..schedules import alphas_cumprod_for
+from .loop import Stage
+from .personal import Run, Settings, denoising_mse, encode_images, noisy_sample_parts, stage_recipe, train_personal
+from .shapes import image_to_tensor
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def class_images(run: Run, prompt: str, count: int, steps: int, cfg_scale: float) -> torch.Tensor:
+    """(count, 3, S, S) pictures of `prompt` by the base model: generated once into the work folder
+    (main process), read back from there (all processes)."""
+    folder = run.work / "class-images"
+    if run.accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        missing = [i for i in range(count) if not (folder / f"{i:04d}.png").is_file()]
+        if missing:
+            pipeline = Pipeline(load_model(run.settings.base), device=run.accelerator.device, dtype=torch.float32)
+            for i in missing:
+                image = pipeline.txt2img(prompt, seed=i, steps=steps, cfg_scale=cfg_scale, progress=False).images[0]
+                tmp = folder / f".{i:04d}.png.tmp"
+                image.save(tmp, format="PNG")
+                tmp.replace(folder / f"{i:04d}.png")  # a complete file or none, should the run be killed
+            del pipeline
+    run.accelerator.wait_for_everyone()
+    return torch.stack([image_to_tensor(load_image(folder / f"{i:04d}.png")) for i in range(count)])
+
+
+class DreamBoothLoss(nn.Module):
+    """Instance loss + prior_weight * class loss, in one U-Net call. The U-Net (and with train_text_encoder
+    the text encoder) are submodules, trained; the autoencoder is not."""
+
+    def __init__(self, run: Run, class_prompt: str, class_latents: dict | None, prior_weight: float,
+                 train_text_encoder: bool):
+        super().__init__()
+        self.unet = run.model.unet.requires_grad_(True)
+        self.text_encoder = run.model.text_encoder.requires_grad_(True) if train_text_encoder else None
+        if train_text_encoder:  # layers after the one the model reads get no gradient (SD 2.x's last)
+            layers = run.model.text_encoder.transformer.text_model.encoder.layers
+            layers[len(layers) + 1 + run.model.config.text.output_layer:].requires_grad_(False)
+        self.run, self.class_latents = {"run": run}, class_latents
+        self.class_prompt, self.prior_weight = class_prompt, prior_weight
+        self.alphas_cumprod = alphas_cumprod_for(run.model.config).float()
+        if not train_text_encoder:
+            with torch.no_grad():
+                self.context = run.encode(run.captions + [class_prompt])
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        run = self.run["run"]
+        index, n = batch["index"], len(batch["index"])
+        if self.text_encoder is None:
+            rows = index.tolist() + ([len(run.captions)] * n if self.class_latents else [])
+            context = self.context[rows]
+        else:
+            prompts = [run.captions[i] for i in index.tolist()]
+            prompts += [self.class_prompt] * n if self.class_latents else []
+            context = run.encode(prompts, text_encoder=self.text_encoder)
+        mse = denoising_mse(self.unet, batch, context, self.alphas_cumprod, run.model.config.prediction)
+        if not self.class_latents:
+            return mse.mean(), {}
+        instance, prior = mse[:n].mean(), mse[n:].mean()
+        return instance + self.prior_weight * prior, {"instance": instance.detach(), "prior": prior.detach()}
+
+
+@dataclass(frozen=True)
+class DreamBooth:
+    class_word: str
+    class_prompt: str | None = None  # default "a [class]"
+    class_images: int = 100  # diffusers' train_dreambooth.py default (the paper: 200 per instance image)
+    prior_weight: float = 1.0  # the paper's lambda and diffusers' default
+    train_text_encoder: bool = False
+    save_dtype: str = "fp16"
+    diffusers_folder: Path | None = None
+    name = "dreambooth"
+    require_token = True
+
+    def caption_token(self, settings: Settings) -> str:
+        if not self.class_word.strip():
+            raise InputError("class_word is empty: name the class the subject belongs to, e.g. 'dog' or 'star'")
+        if self.save_dtype not in DTYPES:
+            raise InputError(f"save_dtype={self.save_dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.prior_weight < 0 or (self.prior_weight > 0 and self.class_images < 1):
+            raise InputError(f"prior_weight={self.prior_weight}, class_images={self.class_images}: the weight must "
+                             "be >= 0, and prior preservation needs at least one class image (or prior_weight 0)")
+        if self.diffusers_folder is not None and Path(self.diffusers_folder).exists():
+            raise InputError(f"diffusers folder {self.diffusers_folder} already exists; choose a new path")
+        return f"{settings.token} {self.class_word}"  # "a [identifier] [class]"
+
+    def prompt(self) -> str:
+        return self.class_prompt or f"a {self.class_word}"
+
+    def stage(self, run: Run) -> Stage:
+        s = run.settings
+        class_latents = None
+        if self.prior_weight > 0:
+            images = class_images(run, self.prompt(), self.class_images, s.sample_steps, s.sample_cfg_scale)
+            class_latents = encode_images(run.model, images, run.accelerator.device)
+        module = DreamBoothLoss(run, self.prompt(), class_latents, self.prior_weight, self.train_text_encoder)
+
+        def make_batch(step: int, first: int, count: int, generator: torch.Generator) -> dict:
+            batch = run.draw(step, first, count, generator)
+            if class_latents is None:
+                return batch
+            drawn = torch.randint(0, self.class_images, (count,), generator=generator)
+            prior = noisy_sample_parts(class_latents, drawn, run.model, s.noise_offset, generator)
+            return {"index": batch["index"], **{k: torch.cat([batch[k], prior[k].to(batch[k].device)])
+                                                for k in ("latents", "noise", "timesteps")}}
+
+        return Stage(self.name, module, make_batch, stage_recipe(s))
+
+    def write(self, run: Run, stage: Stage) -> Path:
+        model = run.model.cpu().requires_grad_(False)
+        if self.diffusers_folder is not None:
+            save_model(model, self.diffusers_folder)
+        return save_model(model.to(DTYPES[self.save_dtype]), run.settings.output)
+
+    def sample_pipeline(self, run: Run) -> Pipeline:
+        return Pipeline(load_model(run.settings.output), device=run.accelerator.device, dtype=torch.float32)
+
+
+def train_dreambooth(settings: Settings, *, class_word: str, class_prompt: str | None = None, class_images: int = 100,
+                     prior_weight: float = 1.0, train_text_encoder: bool = False, save_dtype: str = "fp16",
+                     diffusers_folder: Path | None = None) -> Path:
+    method = DreamBooth(class_word, class_prompt, class_images, prior_weight, train_text_encoder, save_dtype,
+                        diffusers_folder)
+    details = {"class_word": class_word, "class_prompt": method.prompt(), "class_images": class_images,
+               "prior_weight": prior_weight, "train_text_encoder": train_text_encoder, "save_dtype": save_dtype,
+               "diffusers_folder": str(diffusers_folder) if diffusers_folder else None}
+    return train_personal(method, settings, details)
