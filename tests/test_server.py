@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import webuiapi
 from PIL import Image
 
@@ -21,6 +22,7 @@ from latentdiff.resources import demo_model
 from latentdiff.server.app import ServerConfig, create_app
 from latentdiff.server.command import Background
 from latentdiff.server.schema import Caps
+from tiny import SD1, tiny_model, with_inputs
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +231,25 @@ def test_webuiapi_img2img_with_a_mask_repaints_as_the_python_api(api, pipeline):
     assert (params["Mask blur"], params["Masked content"], params["Inpaint area"],
             params["Masked area padding"]) == ("4", "fill", "Only masked", "0")
     assert result.info["ignored_fields"] == []
+
+
+def test_image_cfg_scale_is_honoured_on_instructpix2pix_models_and_has_no_effect_on_others(api, pipeline):
+    start = Image.new("RGB", (64, 64), (200, 30, 30))
+    plain = api.img2img(images=[start], prompt="x", seed=1, steps=2, width=64, height=64, image_cfg_scale=1.25)
+    assert "Image CFG scale" not in png_parameters(plain.images[0]) and plain.info["ignored_fields"] == []
+    instruct = Pipeline(tiny_model(with_inputs(SD1, 8)), device="cpu", dtype=torch.float32, threads=1)
+    running = Background(create_app(ServerConfig(model=demo_model()), pipeline=instruct))
+    try:
+        host, port = running.url.removeprefix("http://").split(":")
+        client = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=2)
+        result = client.img2img(images=[start], prompt="make it blue", seed=1, width=64, height=64,
+                                image_cfg_scale=1.25, denoising_strength=1.0)
+    finally:
+        running.stop()
+    assert png_parameters(result.images[0])["Image CFG scale"] == "1.25"
+    expected = instruct.img2img(start, "make it blue", seed=1, steps=2, sampler="Euler a", image_cfg_scale=1.25,
+                                strength=1.0, width=64, height=64, progress=False).images[0]
+    assert list(result.images[0].convert("RGB").getdata()) == list(expected.getdata())
 
 
 @pytest.mark.parametrize("mask, words", [("not base64!", "base64"),
