@@ -11,15 +11,18 @@ import time
 
 import httpx
 import pytest
+import torch
 import webuiapi
 from PIL import Image
 
 from latentdiff.infotext import parse_parameters
 from latentdiff.pipeline import Pipeline
+from latentdiff.request import GenerationRequest
 from latentdiff.resources import demo_model
 from latentdiff.server.app import ServerConfig, create_app
 from latentdiff.server.command import Background
 from latentdiff.server.schema import Caps
+from tiny import SD1, tiny_model, with_inputs
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +185,83 @@ def test_progress_reports_steps_and_a_preview(server):
     thread.join(60)
 
 
+# -- the editing fields through webuiapi: the hires fix, inpainting ---------------------------------------
+
+def test_webuiapi_txt2img_with_the_hires_fix(api, pipeline):
+    result = api.txt2img(prompt="a red circle", seed=3, width=64, height=64, steps=4, enable_hr=True, hr_scale=2,
+                         denoising_strength=0.5, hr_second_pass_steps=3)
+    image = result.images[0]
+    assert image.size == (128, 128)
+    params = png_parameters(image)
+    assert (params["Hires upscale"], params["Hires upscaler"], params["Hires steps"], params["Denoising strength"],
+            params["Size"]) == ("2", "Latent", "3", "0.5", "64x64")  # Size: the first pass's, as A1111 writes it
+    assert result.info["ignored_fields"] == [] and result.info["denoising_strength"] == 0.5
+    expected = pipeline.txt2img("a red circle", seed=3, width=64, height=64, steps=4, sampler="Euler a",
+                                enable_hr=True, hr_scale=2, strength=0.5, hr_second_pass_steps=3, progress=False)
+    assert list(image.convert("RGB").getdata()) == list(expected.images[0].getdata())
+
+
+def test_hires_fields_with_enable_hr_false_are_dropped(api):
+    result = api.txt2img(prompt="a red circle", seed=3, width=64, height=64, steps=2, enable_hr=False, hr_scale=3,
+                         hr_upscaler="Lanczos", hr_second_pass_steps=5, hr_sampler_name="Heun", hr_prompt="blue",
+                         denoising_strength=0.3)
+    image = result.images[0]
+    assert image.size == (64, 64) and result.info["ignored_fields"] == []
+    assert not [key for key in png_parameters(image) if key.startswith("Hires") or key == "Denoising strength"]
+
+
+def test_webuiapi_img2img_with_a_mask_repaints_as_the_python_api(api, pipeline):
+    start = Image.new("RGB", (64, 64), (200, 30, 30))
+    start.paste((30, 30, 200), (0, 0, 32, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 20, 44, 44))
+    result = api.img2img(images=[start], mask_image=mask, prompt="a green square", seed=6, steps=8, width=64,
+                         height=64, denoising_strength=0.9)
+    image = result.images[0].convert("RGB")
+    # webuiapi sends A1111's defaults: fill, only masked, no padding, blur 4
+    request = GenerationRequest(prompt="a green square", seed=6, steps=8, sampler="Euler a", width=64, height=64,
+                                strength=0.9, init_image=start, mask=mask, mask_blur=4, inpainting_fill=0,
+                                inpaint_full_res=True, inpaint_full_res_padding=0)
+    expected = pipeline.generate(request, progress=False).images[0]
+    assert list(image.getdata()) == list(expected.getdata())
+    # repainted inside the mask; outside it, beyond the blur, the init image's own pixels
+    assert image.getpixel((32, 32)) != start.getpixel((32, 32))
+    assert image.getpixel((2, 2)) == start.getpixel((2, 2)) and image.getpixel((61, 61)) == start.getpixel((61, 61))
+    params = png_parameters(result.images[0])
+    assert (params["Mask blur"], params["Masked content"], params["Inpaint area"],
+            params["Masked area padding"]) == ("4", "fill", "Only masked", "0")
+    assert result.info["ignored_fields"] == []
+
+
+def test_image_cfg_scale_is_honoured_on_instructpix2pix_models_and_has_no_effect_on_others(api, pipeline):
+    start = Image.new("RGB", (64, 64), (200, 30, 30))
+    plain = api.img2img(images=[start], prompt="x", seed=1, steps=2, width=64, height=64, image_cfg_scale=1.25)
+    assert "Image CFG scale" not in png_parameters(plain.images[0]) and plain.info["ignored_fields"] == []
+    instruct = Pipeline(tiny_model(with_inputs(SD1, 8)), device="cpu", dtype=torch.float32, threads=1)
+    running = Background(create_app(ServerConfig(model=demo_model()), pipeline=instruct))
+    try:
+        host, port = running.url.removeprefix("http://").split(":")
+        client = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=2)
+        result = client.img2img(images=[start], prompt="make it blue", seed=1, width=64, height=64,
+                                image_cfg_scale=1.25, denoising_strength=1.0)
+    finally:
+        running.stop()
+    assert png_parameters(result.images[0])["Image CFG scale"] == "1.25"
+    expected = instruct.img2img(start, "make it blue", seed=1, steps=2, sampler="Euler a", image_cfg_scale=1.25,
+                                strength=1.0, width=64, height=64, progress=False).images[0]
+    assert list(result.images[0].convert("RGB").getdata()) == list(expected.getdata())
+
+
+@pytest.mark.parametrize("mask, words", [("not base64!", "base64"),
+                                         (base64.b64encode(b"not an image").decode(), "decode"), (7, "string")])
+def test_a_bad_mask_is_422_naming_mask(server, mask, words):
+    start = b64_png(Image.new("RGB", (64, 64)))
+    response = post(server, "img2img", {"prompt": "x", "init_images": [start], "mask": mask})
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["body", "mask"] and words in detail["msg"]
+
+
 # -- plain HTTP as A1111's documentation shows it ------------------------------------------------------
 
 def test_plain_http_txt2img_as_a1111_docs(server):
@@ -214,13 +294,13 @@ def test_plain_http_img2img_with_raw_base64_and_a_resize_mode(server):
 
 def test_unhonoured_fields_are_accepted_and_listed(server):
     body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "restore_faces": True, "styles": ["s"],
-            "enable_hr": True, "hr_scale": 2, "tiling": False, "my_extension_field": 1, "send_images": False,
+            "enable_hr": False, "hr_scale": 2, "tiling": False, "my_extension_field": 1, "send_images": False,
             "override_settings": {"sd_vae": "x.pt"}}
     response = post(server, "txt2img", body)
     assert response.status_code == 200
     info = json.loads(response.json()["info"])
-    assert sorted(info["ignored_fields"]) == sorted(["restore_faces", "styles", "enable_hr", "hr_scale",
-                                                     "my_extension_field", "override_settings.sd_vae"])
+    assert sorted(info["ignored_fields"]) == sorted(["restore_faces", "styles", "my_extension_field",
+                                                     "override_settings.sd_vae"])
     assert response.json()["images"] == []  # send_images false
 
 

@@ -23,7 +23,7 @@ from ..images import save_png
 from ..infotext import parse_parameters
 from ..sampling import sampler_names
 from . import checkpoints
-from .schema import Caps, a1111_name, info_json, parse_body, parse_generation, scheduler_entries
+from .schema import Caps, a1111_name, for_model, info_json, parse_body, parse_generation, scheduler_entries
 from .worker import Job, QueueFull, Worker
 
 STATIC = Path(__file__).parent / "static"
@@ -157,11 +157,13 @@ def create_app(config: ServerConfig, *, pipeline=None) -> FastAPI:
                                       caps=config.caps)
         req = parsed.request
         steps = req.steps if mode == "txt2img" else min(req.steps, int(req.steps * req.strength))
-        job = Job(mode, iterations=req.n_iter, steps=steps)
+        passes = (steps, req.hr_second_pass_steps or req.steps) if req.enable_hr else (steps,)  # A1111 counts
+        job = Job(mode, iterations=req.n_iter * len(passes), steps=passes)  # the hires pass as a job of its own
 
         def task(worker, job):
             pipe = worker.pipeline
-            result = pipe.generate(req, callback=job.callback(pipe), progress=False)
+            result = pipe.generate(for_model(req, pipe.config, config.caps), callback=job.callback(pipe),
+                                   progress=False)
             infotexts = [pipe.infotext(result.request, i) for i in range(len(result.images))]
             return result, infotexts, worker.checkpoint, pipe.model_hash
 

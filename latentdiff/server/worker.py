@@ -37,8 +37,10 @@ PREVIEW_EVERY = 10
 class Job:
     """A running job's state as /progress reports it, and its interrupt / skip switches."""
 
-    def __init__(self, kind: str, iterations: int = 0, steps: int = 0):
-        self.kind, self.iterations, self.steps = kind, iterations, steps
+    def __init__(self, kind: str, iterations: int = 0, steps: int | tuple[int, ...] = 0):
+        """`steps`: each iteration's, or a cycle of them (the hires fix's first and second pass)."""
+        self.kind, self.iterations = kind, iterations
+        self.pass_steps = steps if isinstance(steps, tuple) else (steps,)
         self.iteration, self.step = 0, 0
         self.started = time.monotonic()
         self.timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
@@ -63,6 +65,10 @@ class Job:
                 skip, self.skipped = not self.interrupted, False
                 raise Interrupted(info["denoised"], info["i"], skip=skip)
         return on_step
+
+    @property
+    def steps(self) -> int:
+        return self.pass_steps[self.iteration % len(self.pass_steps)]
 
     def fraction(self) -> float:
         if not self.iterations or not self.steps:
