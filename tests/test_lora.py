@@ -89,6 +89,16 @@ def test_merge_matches_diffusers_fuse_lora(sd1, alpha, tmp_path):
                                                      local_files_only=True)
     plain = outputs(theirs.unet, theirs.text_encoder, diffusers=True)
     theirs.load_lora_weights(str(lora))
+    # the same adapters as diffusers writes them (peft names, alphas in the metadata): read as the kohya file
+    from peft.utils import get_peft_model_state_dict
+    adapter = theirs.get_active_adapters()[0]
+    layers = {f"{part}_lora_layers": get_peft_model_state_dict(getattr(theirs, part), adapter_name=adapter)
+              for part in ("unet", "text_encoder")}
+    configs = {f"{part}_lora_adapter_metadata": getattr(theirs, part).peft_config[adapter].to_dict()
+               for part in ("unet", "text_encoder")}
+    theirs.save_lora_weights(tmp_path / "peft", **layers, **configs)
+    peft_file = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+    assert next(iter(read_state_dict(peft_file))).startswith(("unet.", "text_encoder."))
     theirs.fuse_lora(lora_scale=weight)
     expected = outputs(theirs.unet, theirs.text_encoder, diffusers=True)
 
@@ -96,10 +106,13 @@ def test_merge_matches_diffusers_fuse_lora(sd1, alpha, tmp_path):
     before = outputs(model.unet, model.text_encoder, diffusers=False)
     pipe.set_loras([(lora, weight)])
     merged = outputs(model.unet, model.text_encoder, diffusers=False)
+    pipe.set_loras([(peft_file, weight)])
+    merged_peft = outputs(model.unet, model.text_encoder, diffusers=False)
     pipe.set_loras([])
     # fp32 on both sides; the merged weights differ by rounding only, activations within 1e-4
-    for ours, want, was in zip(merged, expected, plain):
+    for ours, ours_peft, want, was in zip(merged, merged_peft, expected, plain):
         assert (ours - want).abs().max() <= 1e-4
+        assert (ours_peft - want).abs().max() <= 1e-4
         assert (want - was).abs().max() > 1e-2  # the LoRA changed the output: the comparison means something
     for b, p in zip(before, plain):
         assert (b - p).abs().max() <= 1e-4
@@ -163,16 +176,25 @@ def test_files_that_do_not_fit_are_refused_before_anything_changes(sd1, tmp_path
     wide = tmp_path / "wide.safetensors"
     save_file({"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.zeros(4, 320, 3, 3),
                "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": torch.zeros(320, 4, 1, 1)}, str(wide))
-    with pytest.raises(CheckpointError, match=r"conv1'.*\(320, 4, 1, 1\).*\(4, 320, 3, 3\) does not fit .*\(64, 64, 3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"conv1': lora parts lora_down.weight \(4, 320, 3, 3\), lora_up.weight "
+                                              r"\(320, 4, 1, 1\) do not fit the model's weight \(64, 64, 3, 3\)"):
         pipe.set_loras([(wide, 1.0)])
-    tucker = tmp_path / "tucker.safetensors"
-    save_file({"lora_unet_mid_block_resnets_0_conv1.lora_mid.weight": torch.zeros(4, 4, 3, 3)}, str(tucker))
-    with pytest.raises(CheckpointError, match="lora_mid.*not supported yet"):
-        pipe.set_loras([(tucker, 1.0)])
-    diffusers_format = tmp_path / "pytorch_lora_weights.safetensors"
-    save_file({"unet.mid_block.resnets.0.conv1.lora_A.weight": torch.zeros(4, 64, 3, 3)}, str(diffusers_format))
-    with pytest.raises(CheckpointError, match="lora_A.*not a kohya LoRA key.*diffusers/PEFT.*not supported yet"):
-        pipe.set_loras([(diffusers_format, 1.0)])
+    oft = tmp_path / "oft.safetensors"
+    save_file({"lora_unet_mid_block_resnets_0_conv1.oft_blocks": torch.zeros(4, 16, 16)}, str(oft))
+    with pytest.raises(CheckpointError, match=r"oft\.safetensors: key .*oft_blocks' is not a LoRA/LyCORIS part "
+                                              r"\(LyCORIS OFT, not supported\)"):
+        pipe.set_loras([(oft, 1.0)])
+    half = tmp_path / "half.safetensors"  # a LoHa layer without its second pair
+    save_file({"lora_unet_mid_block_resnets_0_conv1.hada_w1_a": torch.zeros(64, 4),
+               "lora_unet_mid_block_resnets_0_conv1.hada_w1_b": torch.zeros(4, 576)}, str(half))
+    with pytest.raises(CheckpointError, match=r"layer 'lora_unet_mid_block_resnets_0_conv1': it is loha but lacks "
+                                              r"hada_w2_a, hada_w2_b"):
+        pipe.set_loras([(half, 1.0)])
+    wide_diffusers = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.mid_block.resnets.0.conv1.lora_A.weight": torch.zeros(4, 32, 3, 3),
+               "unet.mid_block.resnets.0.conv1.lora_B.weight": torch.zeros(64, 4, 1, 1)}, str(wide_diffusers))
+    with pytest.raises(CheckpointError, match=r"'unet\.mid_block\.resnets\.0\.conv1': lora parts .* do not fit"):
+        pipe.set_loras([(wide_diffusers, 1.0)])
     pickled = tmp_path / "code.pt"
     torch.save({"lora_unet_mid_block_resnets_0_conv1.alpha": Runs()}, pickled)
     with pytest.raises(CheckpointError, match="code"):
