@@ -44,7 +44,7 @@ class GenerationRequest:
     resize_mode: str | int = "just resize"  # img2img with width/height: how the init image gets that size
     # room for the add-ons of later issues; each must stay empty until its feature lands
     mask: Image.Image | None = None
-    loras: tuple = ()
+    loras: tuple = ()  # ((LoRA file or name in the pipeline's LoRA folder, strength or (te, unet)), ...)
     embeddings: tuple = ()
     hires: dict | None = None
     control: tuple = ()
@@ -99,7 +99,8 @@ class GenerationRequest:
         for name in ("mask", "hires"):
             if getattr(self, name) is not None:
                 raise FieldError(name, "is not supported yet; leave it out")
-        for name in ("loras", "embeddings", "control"):
+        _check_loras(self.loras)
+        for name in ("embeddings", "control"):
             if getattr(self, name):
                 raise FieldError(name, "is not supported yet; leave it out")
         return self
@@ -175,3 +176,19 @@ def _number(name: str, value, *, minimum: float | None = None) -> None:
     if minimum is not None and value < minimum:
         raise FieldError(name, f"must be >= {minimum}, not {value}")
 
+
+
+def _check_loras(loras) -> None:
+    """(file or name, strength) pairs; a strength is a number or (text encoder, U-Net) numbers."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(loras, (list, tuple)):
+        raise FieldError("loras", f"must be a list of (file or name, strength) pairs, not {loras!r}")
+    for entry in loras:
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))
+        strength = entry[1] if ok else None
+        if not ok or not (number(strength) or isinstance(strength, (list, tuple)) and len(strength) == 2
+                          and all(map(number, strength))):
+            raise FieldError("loras", f"entry {entry!r}: give (file or name, strength), the strength a number or "
+                                      f"(text encoder, U-Net) numbers, e.g. ('ink_style', 0.8)")

@@ -119,7 +119,7 @@ def lora_deltas(path, model: StableDiffusion, strength: Strength = 1.0,
 
 def layer_deltas(layers: list[Layer], model: StableDiffusion, strength: Strength = 1.0,
                  originals: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    te, unet = strength if isinstance(strength, tuple) else (strength, strength)
+    te, unet = strength if isinstance(strength, (tuple, list)) else (strength, strength)
     params, originals = dict(model.named_parameters()), originals or {}
     deltas = {}
     for layer in layers:
