@@ -18,7 +18,7 @@ from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtyp
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .formats.embeddings import load_embeddings_dir, ti_hashes
 from .extra_networks import find_lora, lora_files, negative_tag_notes, prompt_loras, resolve_lora, strip_tags
-from .formats.lora import layer_deltas, lora_hash, read_lora
+from .formats.lora import Strength, layer_deltas, lora_hash, read_lora
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields, hash_list
 from .loader import load_model, model_hash, swap_vae, vae_name
@@ -72,8 +72,8 @@ class Pipeline:
         self.model = model
         self.embeddings = load_embeddings_dir(embeddings_dir, model.config.text) if embeddings_dir else {}
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
-        self.standing_loras: list[tuple[Path, object]] = []  # set_loras': merged for every generation
-        self.loras: list[tuple[Path, object, str]] = []  # merged now: (path, strength, A1111 short hash)
+        self.standing_loras: list[tuple[Path, Strength]] = []  # set_loras': merged for every generation
+        self.loras: list[tuple[Path, Strength, str]] = []  # merged now: (path, strength, A1111 short hash)
         self._lora_patches, self._merged = None, []  # their patches.Patched handle; what identifies them
         self.vae_source = Path(vae_source) if vae_source else None  # a VAE file swapped in (loader.swap_vae)
         self.threads = threads if threads is None else check_threads(threads)
@@ -111,7 +111,7 @@ class Pipeline:
         self._merge_loras(standing)
         self.standing_loras = standing
 
-    def _merge_loras(self, loras: list[tuple[Path, object]]) -> None:
+    def _merge_loras(self, loras: list[tuple[Path, Strength]]) -> None:
         """Have exactly `loras` merged. Nothing happens when they are the ones merged now (same files, unchanged,
         same strengths); otherwise every file is read and checked, the old merge restored, the new one applied.
         DoRA layers rescale the original weights, which the old merge's handle still holds."""

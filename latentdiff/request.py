@@ -177,7 +177,6 @@ def _number(name: str, value, *, minimum: float | None = None) -> None:
         raise FieldError(name, f"must be >= {minimum}, not {value}")
 
 
-
 def _check_loras(loras) -> None:
     """(file or name, strength) pairs; a strength is a number or (text encoder, U-Net) numbers."""
     def number(x):

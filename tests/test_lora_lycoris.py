@@ -1,13 +1,17 @@
 """LyCORIS files written by the `lycoris-lora` package for a tiny random SD 1.x model: ours merged gives the
 U-Net and text-encoder outputs of LyCORIS' own network applied to diffusers' modules (the same random
-weights), for LoRA/LoCon, LoCon with Tucker, LoHa (and Tucker), LoKr (and Tucker), full and DoRA."""
+weights), for LoRA/LoCon, LoCon with Tucker, LoHa (and Tucker), LoKr (and Tucker), full and DoRA; SD 1.x and 2.x.
+
+The reference is LyCORIS' applied network (its forward, as trained), not its merge: lycoris-lora 4.1.3's LoHa
+merge (get_merged_weight) scales the delta by (alpha / rank) twice where its forward, and A1111, scale once
+(measured: 0.47 apart on a random Linear with alpha 1, rank 4; LoCon's merge agrees with its forward)."""
 
 import logging
 
 import pytest
 import torch
-from test_lora import outputs, randn
-from tiny import SD1, tiny_model
+from test_lora import outputs
+from tiny import SD1, SD2_V, tiny_model
 
 from latentdiff.loader import save_model
 from latentdiff.pipeline import Pipeline
@@ -29,12 +33,21 @@ CASES = {"lora": dict(algo="lora"), "locon-tucker": dict(algo="locon", use_tucke
          "dora-in": dict(algo="loha", dora_wd=True, wd_on_output=False)}
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory, single_thread):
-    model = tiny_model(SD1)
+def family(tmp_path_factory, config):
+    model = tiny_model(config)
     root = tmp_path_factory.mktemp("lycoris")
     (root / "preset.toml").write_text(PRESET)
     return model, save_model(model, root / "folder"), root
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory, single_thread):
+    return family(tmp_path_factory, SD1)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory, single_thread):  # linear proj_in/out, OpenCLIP's text tower in transformers' names
+    return family(tmp_path_factory, SD2_V)
 
 
 def lycoris_file(folder, root, name: str, alpha: float = 2.0):
@@ -58,7 +71,15 @@ def lycoris_file(folder, root, name: str, alpha: float = 2.0):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_merge_matches_lycoris_applied(sd1, name):
-    model, folder, root = sd1
+    check_against_lycoris(*sd1, name)
+
+
+@pytest.mark.parametrize("name", ["lora", "loha-tucker", "lokr", "dora-out"])
+def test_sd2_merge_matches_lycoris_applied(sd2, name):
+    check_against_lycoris(*sd2, name)
+
+
+def check_against_lycoris(model, folder, root, name):
     path, unet, text = lycoris_file(folder, root, name)
     expected = outputs(unet, text, diffusers=True)
     pipe = Pipeline(model, device="cpu", dtype=torch.float32)

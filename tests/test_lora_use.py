@@ -15,7 +15,6 @@ from latentdiff.extra_networks import LoraTag, find_lora, prompt_loras, strip_ta
 from latentdiff.formats.lora import lora_deltas, lora_hash
 from latentdiff.loader import save_model
 from latentdiff.pipeline import Pipeline
-from latentdiff.request import GenerationRequest
 
 RUN = dict(steps=2, width=64, height=64, seed=4, progress=False)
 
@@ -198,3 +197,16 @@ def test_cli_lora_dir_tags_names_and_from_png(setup, tmp_path, capsys):
     assert main(["txt2img", "a cat <lora:gone:1>", *args, "--lora-dir", str(loras), "-o", str(tmp_path / "c")]) == 2
     assert f"LoRA 'gone' not found in the LoRA folder {loras}" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_replay_notes_name_what_cannot_be_honoured(setup, tmp_path):
+    from latentdiff.extra_networks import lora_replay_notes
+    _, _, loras = setup
+    ink = lora_hash(loras / "styles" / "Ink_Style.safetensors")
+    value = f"Ink_Style: {ink}, detail: 0123456789ab, gone: 0123456789ab, extra: 0123456789ab"
+    notes = lora_replay_notes(value, "a cat <lora:Ink_Style:1> <lora:detail:1> <lora:gone:0.5>", loras)
+    assert notes == [f"--from-png: Lora hashes: not in {loras}: gone; {loras / 'detail.safetensors'} has hash "
+                     f"{lora_hash(loras / 'detail.safetensors')}, the image's 'detail' had 0123456789ab; no tag in "
+                     f"the prompt for extra (given with --lora when the image was made: pass --lora NAME:WEIGHT "
+                     f"again)"]
+    assert lora_replay_notes(f"Ink_Style: {ink}", "<lora:ink_style:1>", loras) == []  # found, same hash

@@ -32,7 +32,7 @@ from .unet_keys import unet_key_table
 
 UNET, TEXT = "model.diffusion_model.", "cond_stage_model.transformer."  # our parameter prefixes
 # the parts of a layer as kohya and LyCORIS name them, after "<layer>."
-_KOHYA_PARTS = tuple(sorted({p for name in lycoris.ALGORITHMS for p in lycoris.ALGORITHMS[name] + lycoris.OPTIONAL[name]}
+_KOHYA_PARTS = tuple(sorted({p for name, parts in lycoris.ALGORITHMS.items() for p in parts + lycoris.OPTIONAL[name]}
                             | set(lycoris.COMMON), key=len, reverse=True))
 # diffusers / peft part suffixes -> the kohya part they are
 _DIFFUSERS_PARTS = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
@@ -42,8 +42,8 @@ _DIFFUSERS_PARTS = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lor
                     "_lora.up.weight": "lora_up.weight", ".alpha": "alpha"}
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")  # the attention-processor format's layer names
 # algorithms seen in the wild that this reader does not merge, by a part only they have
-_UNSUPPORTED = {"oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "oft_R": "BOFT", "w_norm": "a LyCORIS norm layer",
-                "b_norm": "a LyCORIS norm layer", "a1.weight": "GLoRA", "on_input": "(IA)^3"}
+_UNSUPPORTED = {"oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "oft_R": "BOFT", "a1.weight": "GLoRA",
+                "w_norm": "a LyCORIS norm layer", "b_norm": "a LyCORIS norm layer", "on_input": "(IA)^3"}
 Strength = float | tuple[float, float]  # one multiplier, or (text encoder, U-Net) as A1111's tags give
 
 
@@ -125,7 +125,8 @@ def layer_deltas(layers: list[Layer], model: StableDiffusion, strength: Strength
     for layer in layers:
         s = unet if layer.in_unet else te
         weight = params[layer.param]
-        d = lycoris.delta(layer.algorithm, layer.parts).reshape(weight.shape) * lycoris.scale(layer.algorithm, layer.parts)
+        d = lycoris.delta(layer.algorithm, layer.parts).reshape(weight.shape)
+        d = d * lycoris.scale(layer.algorithm, layer.parts)
         if "dora_scale" in layer.parts:
             w0 = originals.get(layer.param, weight).detach().float().cpu()
             d = lycoris.dora(w0, w0 + d, layer.parts["dora_scale"]) - w0

@@ -17,15 +17,15 @@ Shapes:
 - DoRA (`dora_scale`, the magnitude m): W' = m * W / ||W|| with W = W0 + scale * delta, the norm over each
   output row (m of shape (out, 1, ...), LyCORIS' default since its wd_on_out option, and peft's) or over each
   input column (m of shape (1, in, ...), the first LyCORIS DoRA files); the shape says which. A strength s
-  moves the weight the fraction s of the way: W0 + s * (W' - W0), as ComfyUI does (at s = 1 every
-  implementation agrees; LyCORIS and A1111 differ from each other below 1).
+  moves the weight the fraction s of the way: W0 + s * (W' - W0), as ComfyUI does (at s = 1 this is LyCORIS'
+  own DoRA weight, tested; below 1 the implementations in circulation differ).
 """
 
 import torch
 
-# which parts make which algorithm; "alpha" and "dora_scale" may join any of them
-ALGORITHMS = {"lora": ("lora_down.weight", "lora_up.weight"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-              "lokr": (), "full": ("diff",)}
+# the parts each algorithm needs (ALGORITHMS) and may have (OPTIONAL); "alpha" and "dora_scale" may join any
+ALGORITHMS = {"lora": ("lora_down.weight", "lora_up.weight"),
+              "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "lokr": (), "full": ("diff",)}
 OPTIONAL = {"lora": ("lora_mid.weight",), "loha": ("hada_t1", "hada_t2"),
             "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
             "full": ("diff_b",)}
