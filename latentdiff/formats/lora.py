@@ -33,10 +33,10 @@ from .unet_keys import unet_key_table
 UNET, TEXT = "model.diffusion_model.", "cond_stage_model.transformer."  # our parameter prefixes
 # the parts of a layer as kohya and LyCORIS name them, after "<layer>."
 _KOHYA_PARTS = tuple(sorted({p for name, parts in lycoris.ALGORITHMS.items() for p in parts + lycoris.OPTIONAL[name]}
-                            | set(lycoris.COMMON), key=len, reverse=True))
+                            | {"alpha", "dora_scale"}, key=len, reverse=True))
 # diffusers / peft part suffixes -> the kohya part they are
 _DIFFUSERS_PARTS = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
-                    ".lora_magnitude_vector": "dora_scale", ".lora.down.weight": "lora_down.weight",
+                    ".lora_magnitude_vector": "magnitude", ".lora.down.weight": "lora_down.weight",
                     ".lora.up.weight": "lora_up.weight", ".lora_linear_layer.down.weight": "lora_down.weight",
                     ".lora_linear_layer.up.weight": "lora_up.weight", "_lora.down.weight": "lora_down.weight",
                     "_lora.up.weight": "lora_up.weight", ".alpha": "alpha"}
@@ -127,9 +127,9 @@ def layer_deltas(layers: list[Layer], model: StableDiffusion, strength: Strength
         weight = params[layer.param]
         d = lycoris.delta(layer.algorithm, layer.parts).reshape(weight.shape)
         d = d * lycoris.scale(layer.algorithm, layer.parts)
-        if "dora_scale" in layer.parts:
+        if _dora(layer):
             w0 = originals.get(layer.param, weight).detach().float().cpu()
-            d = lycoris.dora(w0, w0 + d, layer.parts["dora_scale"]) - w0
+            d = lycoris.dora(w0 + d, *_dora(layer)) - w0
         deltas[layer.param] = d * s
         if "diff_b" in layer.parts:
             deltas[_bias(layer.param)] = layer.parts["diff_b"].float() * s
@@ -197,9 +197,19 @@ def _check_fits(layer: Layer, params: dict) -> None:
         sizes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in layer.parts.items() if v.dim())
         raise ValueError(f"{layer.algorithm} parts {sizes} do not fit the model's weight {target}; a LoRA for "
                          "another architecture")
+    if _dora(layer):
+        magnitude, per_output = _dora(layer)
+        lycoris.dora(torch.empty(target, device="meta"), magnitude.to("meta"), per_output)  # ValueError if unfit
     if "diff_b" in layer.parts and tuple(layer.parts["diff_b"].shape) != tuple(params.get(_bias(layer.param),
                                                                                       torch.empty(0)).shape):
         raise ValueError(f"diff_b {tuple(layer.parts['diff_b'].shape)} does not fit the layer's bias")
+
+
+def _dora(layer: Layer) -> tuple | None:
+    """(magnitude, per_output) of a DoRA layer, None for others."""
+    if "magnitude" in layer.parts:
+        return layer.parts["magnitude"], True
+    return (layer.parts["dora_scale"], None) if "dora_scale" in layer.parts else None
 
 
 def _bias(weight_name: str) -> str:

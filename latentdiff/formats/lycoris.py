@@ -14,22 +14,23 @@ Shapes:
 - LoKr: kron(w1, w2), each side full or a product w_a @ w_b; w2 may carry the kernel (out2, in2, kh, kw),
   directly, as w2_b (r, in2, kh, kw), or through a Tucker core t2 with w2_a (r, out2), w2_b (r, in2).
 - full: `diff`, the delta itself (and `diff_b`, the bias's).
-- DoRA (`dora_scale`, the magnitude m): W' = m * W / ||W|| with W = W0 + scale * delta, the norm over each
-  output row (m of shape (out, 1, ...), LyCORIS' default since its wd_on_out option, and peft's) or over each
-  input column (m of shape (1, in, ...), the first LyCORIS DoRA files); the shape says which. A strength s
+- DoRA (the magnitude m): W' = m * W / ||W|| with W = W0 + scale * delta, the norm over each output row or
+  each input column. LyCORIS' `dora_scale` says which by its shape: (out, 1, ...) for rows (its default since
+  its wd_on_out option), (1, in, ...) for columns (the first LyCORIS DoRA files); peft's
+  `lora_magnitude_vector` is always per output row ((out,), a convolution's (1, out, 1, 1)). A strength s
   moves the weight the fraction s of the way: W0 + s * (W' - W0), as ComfyUI does (at s = 1 this is LyCORIS'
   own DoRA weight, tested; below 1 the implementations in circulation differ).
 """
 
 import torch
 
-# the parts each algorithm needs (ALGORITHMS) and may have (OPTIONAL); "alpha" and "dora_scale" may join any
+# the parts each algorithm needs (ALGORITHMS) and may have (OPTIONAL); COMMON ones may join any
 ALGORITHMS = {"lora": ("lora_down.weight", "lora_up.weight"),
               "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "lokr": (), "full": ("diff",)}
 OPTIONAL = {"lora": ("lora_mid.weight",), "loha": ("hada_t1", "hada_t2"),
             "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
             "full": ("diff_b",)}
-COMMON = ("alpha", "dora_scale")
+COMMON = ("alpha", "dora_scale", "magnitude")  # magnitude: peft's DoRA
 
 
 def algorithm(parts: dict) -> str:
@@ -104,19 +105,25 @@ def delta(name: str, parts: dict) -> torch.Tensor:
     return p["diff"]
 
 
-def dora(original: torch.Tensor, merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's weight: `merged` (W0 + scale * delta) rescaled to the magnitude, by output row or input column
-    as the magnitude's shape says. ValueError if the shape fits neither."""
+def dora(merged: torch.Tensor, magnitude: torch.Tensor, per_output: bool | None = None) -> torch.Tensor:
+    """DoRA's weight: `merged` (W0 + scale * delta) rescaled to the magnitude, by output row or input column.
+    `per_output` None: as the magnitude's shape says ((out, 1, ...) or (1, in, ...), LyCORIS' dora_scale);
+    True: by output row whatever its shape (peft's lora_magnitude_vector: (out,), a convolution's (1, out, 1, 1)).
+    ValueError if the magnitude fits no such shape."""
     out, inp = merged.shape[:2]
     kernel = (1,) * (merged.dim() - 2)
     m = magnitude.float()
-    if m.numel() == out and m.shape[0] == out:  # (out, 1, ...) or peft's (out,)
+    if per_output is None:
+        per_output = m.dim() >= 1 and m.shape[0] == out and m.numel() == out
+        if not per_output and not (m.dim() >= 2 and m.shape[1] == inp and m.numel() == inp):
+            raise ValueError(f"dora_scale {tuple(m.shape)} fits neither the weight's {out} output rows nor its "
+                             f"{inp} input columns")
+    elif m.numel() != out:
+        raise ValueError(f"lora_magnitude_vector {tuple(m.shape)} does not hold the weight's {out} output rows")
+    if per_output:
         norm = merged.flatten(1).norm(dim=1).reshape(out, 1, *kernel)
         m = m.reshape(out, 1, *kernel)
-    elif m.numel() == inp and m.dim() >= 2 and m.shape[1] == inp:  # (1, in, ...)
+    else:
         norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, inp, *kernel)
         m = m.reshape(1, inp, *kernel)
-    else:
-        raise ValueError(f"dora_scale {tuple(magnitude.shape)} fits neither the weight's {out} output rows nor "
-                         f"its {inp} input columns")
     return merged * (m / (norm + torch.finfo(torch.float32).eps))  # eps as LyCORIS and ComfyUI add it
