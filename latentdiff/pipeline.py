@@ -18,13 +18,13 @@ from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtyp
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .formats.embeddings import load_embeddings_dir, ti_hashes
 from .extra_networks import find_lora, lora_files, negative_tag_notes, prompt_loras, resolve_lora, strip_tags
-from .formats.lora import Strength, layer_deltas, lora_hash, read_lora
+from .formats.lora import Strength
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields, hash_list
 from .loader import load_model, model_hash, swap_vae, vae_name
+from .lora_merge import MergedLoras
 from .memory import keep_freed_memory
 from .model import StableDiffusion
-from .patches import apply_patches
 from .prompts import count_chunks, encode_prompts, used_embeddings
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
@@ -73,8 +73,7 @@ class Pipeline:
         self.embeddings = load_embeddings_dir(embeddings_dir, model.config.text) if embeddings_dir else {}
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
         self.standing_loras: list[tuple[Path, Strength]] = []  # set_loras': merged for every generation
-        self.loras: list[tuple[Path, Strength, str]] = []  # merged now: (path, strength, A1111 short hash)
-        self._lora_patches, self._merged = None, []  # their patches.Patched handle; what identifies them
+        self._merged_loras = MergedLoras(model)
         self.vae_source = Path(vae_source) if vae_source else None  # a VAE file swapped in (loader.swap_vae)
         self.threads = threads if threads is None else check_threads(threads)
         self.keep_freed_memory = keep_freed_memory
@@ -108,27 +107,13 @@ class Pipeline:
         before is restored bit for bit first; `set_loras([])` removes them all. All files are read and checked
         before anything changes."""
         standing = [(resolve_lora(path, self.lora_dir), strength) for path, strength in loras]
-        self._merge_loras(standing)
+        self._merged_loras.merge(standing)
         self.standing_loras = standing
 
-    def _merge_loras(self, loras: list[tuple[Path, Strength]]) -> None:
-        """Have exactly `loras` merged. Nothing happens when they are the ones merged now (same files, unchanged,
-        same strengths); otherwise every file is read and checked, the old merge restored, the new one applied.
-        DoRA layers rescale the original weights, which the old merge's handle still holds."""
-        key = [(path.resolve(), strength, path.stat().st_mtime_ns) for path, strength in loras]
-        if key == self._merged:
-            return
-        originals = self._lora_patches.originals if self._lora_patches is not None else {}
-        deltas = {}
-        for path, strength in loras:
-            for name, delta in layer_deltas(read_lora(path, self.model), self.model, strength, originals).items():
-                deltas[name] = deltas[name] + delta if name in deltas else delta
-        used = [(path, strength, lora_hash(path)) for path, strength in loras]
-        if self._lora_patches is not None:
-            self._lora_patches.restore()
-            self._lora_patches, self.loras, self._merged = None, [], []
-        self._lora_patches = apply_patches(self.model, deltas) if deltas else None
-        self.loras, self._merged = used, key
+    @property
+    def loras(self) -> list[tuple[Path, Strength, str]]:
+        """The LoRAs merged now: (path, strength, A1111 short hash)."""
+        return self._merged_loras.used
 
     def _request_loras(self, request: GenerationRequest) -> list[str]:
         """Merge what a request asks for: the standing LoRAs, its `loras` field and its prompt tags (the first
@@ -141,7 +126,7 @@ class Pipeline:
         files = lora_files(self.lora_dir) if tags else {}
         wanted = [*self.standing_loras, *((resolve_lora(p, self.lora_dir), s) for p, s in request.loras),
                   *((find_lora(tag.name, self.lora_dir, files), tag.strength) for tag in tags)]
-        self._merge_loras(wanted)
+        self._merged_loras.merge(wanted)
         return notes
 
     def to(self, *args, device=None, dtype=None) -> "Pipeline":

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from test_lora import TEXT_LAYERS, UNET_LAYERS, folder_weights, write_lora
 from tiny import SD1, tiny_model
 
-import latentdiff.pipeline as pipeline_module
+import latentdiff.lora_merge as lora_merge_module
 from latentdiff import speedups
 from latentdiff.errors import FieldError, InputError
 from latentdiff.extra_networks import LoraTag, find_lora, prompt_loras, strip_tags
@@ -60,8 +60,8 @@ def test_tags_merge_once_unmerge_exactly_and_stay_in_the_infotext(setup, monkeyp
     pipe = Pipeline(model, device="cpu", dtype=torch.float32, lora_dir=loras)
     original = state(model)
     reads = []
-    real_read = pipeline_module.read_lora
-    monkeypatch.setattr(pipeline_module, "read_lora", lambda path, m: reads.append(path) or real_read(path, m))
+    real_read = lora_merge_module.read_lora
+    monkeypatch.setattr(lora_merge_module, "read_lora", lambda path, m: reads.append(path) or real_read(path, m))
     tagged = pipe.txt2img("a cat <lora:ink_style:0.7>", **RUN)
     merged = state(model)
     pipe.txt2img("a dog <lora:ink_style:0.7>", **RUN)
