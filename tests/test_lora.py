@@ -197,6 +197,11 @@ def test_files_that_do_not_fit_are_refused_before_anything_changes(sd1, tmp_path
     with pytest.raises(CheckpointError, match=r"bad_dora.*conv1': dora_scale \(1, 32, 1, 1\) fits neither the "
                                               r"weight's 64 output rows nor its 64 input columns"):
         pipe.set_loras([(bad_dora, 1.0)])
+    nan = tmp_path / "nan.safetensors"
+    save_file({"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.full((4, 64, 3, 3), float("nan")),
+               "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": torch.zeros(64, 4, 1, 1)}, str(nan))
+    with pytest.raises(CheckpointError, match=r"nan\.safetensors: layer .*: lora_down.weight hold NaN or Inf"):
+        pipe.set_loras([(lora, 1.0), (nan, 1.0)])
     wide_diffusers = tmp_path / "pytorch_lora_weights.safetensors"
     save_file({"unet.mid_block.resnets.0.conv1.lora_A.weight": torch.zeros(4, 32, 3, 3),
                "unet.mid_block.resnets.0.conv1.lora_B.weight": torch.zeros(64, 4, 1, 1)}, str(wide_diffusers))

@@ -179,10 +179,15 @@ def _peft_alphas(path: Path, layers: dict[str, dict]) -> None:
 
 
 def _check_fits(layer: Layer, params: dict) -> None:
-    """ValueError unless the layer's delta has the weight's shape (flattened kernels aside); built from the
-    parts' shapes only, on the meta device, so checking a large file costs nothing."""
+    """ValueError unless the layer's parts are finite and its delta has the weight's shape (flattened kernels
+    aside; the shape is built from the parts' shapes alone, on the meta device)."""
     weight = params[layer.param]
     target = tuple(weight.shape)
+    if "alpha" in layer.parts and layer.parts["alpha"].numel() != 1:
+        raise ValueError(f"its alpha holds {layer.parts['alpha'].numel()} values, not one")
+    bad = [k for k, v in layer.parts.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} hold NaN or Inf values; the file is damaged")
     meta = {k: torch.empty(v.shape, device="meta") for k, v in layer.parts.items()}
     try:
         shape = tuple(lycoris.delta(layer.algorithm, meta).shape)
