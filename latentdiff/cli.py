@@ -1,4 +1,4 @@
-"""The `latentdiff` command: txt2img, img2img, info, convert, samplers."""
+"""The `latentdiff` command: txt2img, img2img, info, convert, samplers, diffedit."""
 
 import argparse
 import logging
@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
+from . import __version__, diffedit_cli
 from .errors import InputError, LatentDiffError
 from .jobs import Job, command_jobs, for_the_command_line
 
@@ -75,12 +75,18 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--eta", type=float, help="noise amount of DDIM, the ancestral and the SDE samplers "
                                              "(default: the sampler's own)", **flag)
     p.add_argument("--from-png", help="take the parameters this PNG carries; flags given as well override them")
+    if not img2img:
+        _add_hires_flags(p.add_argument_group("hires fix (A1111's: generate, upscale, refine at the larger size)"),
+                         flag)
     if img2img:
         p.add_argument("--init-image", help="the starting image (required)")
         p.add_argument("--strength", type=float, help=f"0..1: how much to change, 1 = ignore the image "
                                                       f"(default: {DEFAULTS.strength})", **flag)
         p.add_argument("--resize-mode", choices=RESIZE_MODES, metavar="MODE",
                        help=f"with -W/-H: {', '.join(RESIZE_MODES)} (default: {DEFAULTS.resize_mode})", **flag)
+        p.add_argument("--image-cfg-scale", type=float, help="InstructPix2Pix checkpoints: how closely to keep to "
+                                                             "the init image, 1 = off (default: 1.5)", **flag)
+        _add_inpaint_flags(p.add_argument_group("inpainting and outpainting"), flag)
     p.add_argument("-o", "--outdir", default="outputs", help="output folder, created; files are never overwritten "
                                                              "(default: outputs)")
     p.add_argument("--prompts-file", help="batch mode: one prompt per line, or JSON lines with per-line options; "
@@ -101,6 +107,53 @@ def _add_generation_flags(p: argparse.ArgumentParser, img2img: bool) -> None:
                        help="CUDA: keep the text encoder and VAE in CPU memory except while they run")
 
 
+def _add_hires_flags(p, flag: dict) -> None:
+    from .hires import UPSCALERS
+    from .request import DEFAULTS
+    p.add_argument("--hr-scale", type=float, help=f"turns the hires fix on: upscale by this factor (default "
+                                                  f"{DEFAULTS.hr_scale:g} when --hr-resize-x/-y turn it on)", **flag)
+    p.add_argument("--hr-resize-x", type=int, metavar="WIDTH", help="turns the hires fix on: upscale to this width "
+                   "instead (alone: the height keeps the aspect ratio; with --hr-resize-y: cover, then crop)", **flag)
+    p.add_argument("--hr-resize-y", type=int, metavar="HEIGHT", help="as --hr-resize-x, for the height", **flag)
+    p.add_argument("--hr-upscaler", metavar="NAME", help=f"{', '.join(UPSCALERS)} (default: "
+                                                         f"{DEFAULTS.hr_upscaler})", **flag)
+    p.add_argument("--hr-steps", type=int, dest="hr_second_pass_steps", metavar="STEPS",
+                   help="steps the second pass runs (default 0: as --steps)", **flag)
+    p.add_argument("--denoising-strength", type=float, dest="strength", metavar="STRENGTH",
+                   help=f"how much the second pass changes, 0..1 (default: {DEFAULTS.strength:g}, A1111's API "
+                        f"default; its web UI starts at 0.7)", **flag)
+    p.add_argument("--hr-sampler", dest="hr_sampler_name", metavar="NAME",
+                   help="the second pass's sampler (default: --sampler)", **flag)
+    p.add_argument("--hr-schedule", dest="hr_scheduler", metavar="NAME",
+                   help="the second pass's sigma schedule (default: --schedule if given, else the sampler's own)",
+                   **flag)
+    p.add_argument("--hr-prompt", help="the second pass's prompt (default: the prompt)", **flag)
+    p.add_argument("--hr-negative-prompt", help="the second pass's negative prompt (default: the negative prompt)",
+                   **flag)
+
+
+def _add_inpaint_flags(p, flag: dict) -> None:
+    from .inpaint import MASKED_CONTENT
+    from .request import DEFAULTS
+    p.add_argument("--mask", help="repaint where this image is white (grey: partly), keep where black; `alpha`: "
+                                  "repaint where the init image is transparent", **flag)
+    p.add_argument("--mask-blur", dest="mask_blur", type=int, metavar="PX",
+                   help=f"blur the mask's edge by this many px (default: {DEFAULTS.mask_blur})", **flag)
+    p.add_argument("--invert-mask", dest="inpainting_mask_invert", action="store_true",
+                   help="repaint the black part instead", **flag)
+    p.add_argument("--masked-content", dest="inpainting_fill", choices=MASKED_CONTENT, metavar="CONTENT",
+                   help=f"what the repainted area starts from: {', '.join(MASKED_CONTENT)} "
+                        f"(default: {DEFAULTS.inpainting_fill})", **flag)
+    p.add_argument("--only-masked", dest="inpaint_full_res", action="store_true",
+                   help="repaint only the region around the mask, at the full image size, and paste it back", **flag)
+    p.add_argument("--mask-padding", dest="inpaint_full_res_padding", type=int, metavar="PX",
+                   help=f"with --only-masked: px around the mask (default: {DEFAULTS.inpaint_full_res_padding})",
+                   **flag)
+    p.add_argument("--outpaint", metavar="SIDE:PX,...", help="extend the canvas and paint the new border, e.g. "
+                                                             "left:64,right:64 (sides left, right, top, bottom)",
+                   **flag)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="latentdiff", description="Stable Diffusion text-to-image and image-to-image.")
     parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
@@ -119,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", metavar="{fp32,fp16,bf16}",
                       help="cast the weights (e.g. fp16 halves the size); default: keep the source's dtypes")
     sub.add_parser("samplers", help="list sampler names and schedules")
+    diffedit_cli.add_parser(sub)
     return parser
 
 
@@ -272,7 +326,11 @@ def cmd_info(args) -> int:
     print(f"family:      {FAMILY_NAMES[cfg.family]}, {cfg.prediction}-prediction, native {cfg.resolution}px")
     if cfg.unet.in_channels != cfg.unet.out_channels:
         from .conditioning import concat_family
-        print(f"variant:     {concat_family(cfg.unet.in_channels, cfg.unet.out_channels)} (cannot generate yet)")
+        from .inpaint import INPAINT_EXTRA_CHANNELS
+        from .instruct import is_instruct_model
+        usable = ("edits with img2img" if is_instruct_model(cfg) else "img2img --mask"
+                  if cfg.unet.in_channels - cfg.unet.out_channels == INPAINT_EXTRA_CHANNELS else "cannot generate yet")
+        print(f"variant:     {concat_family(cfg.unet.in_channels, cfg.unet.out_channels)} ({usable})")
     print(f"text:        {text_tower_name(cfg.text)}")
     for name, count in summary.parameters.items():
         print(f"{name + ':':13}{count / 1e6:.1f}M parameters")
@@ -309,7 +367,7 @@ def cmd_samplers(args) -> int:
 
 
 COMMANDS = {"txt2img": cmd_txt2img, "img2img": cmd_img2img, "info": cmd_info, "convert": cmd_convert,
-            "samplers": cmd_samplers}
+            "samplers": cmd_samplers, "diffedit": diffedit_cli.run}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,8 @@ wrapper scales the sampler's x by c_in = 1 / sqrt(sigma^2 + 1) = sqrt(a), finds 
 interpolating in log sigma (fractional between training steps), and turns the prediction into x0.
 """
 
+from dataclasses import replace
+
 import torch
 
 from .conditioning import Cond, as_cond, cat_conds
@@ -81,3 +83,31 @@ class CFGDenoiser:
                              cat_conds([as_cond(uncond), as_cond(cond)]))
         d_uncond, d_cond = both.chunk(2)
         return d_uncond + (d_cond - d_uncond) * cfg_scale
+
+
+class InstructCFGDenoiser:
+    """Three-way guidance around a denoiser whose records carry the image latents in `concat`:
+
+        D = D(u, 0) + cfg_scale * (D(c, I) - D(u, I)) + image_cfg_scale * (D(u, I) - D(u, 0))
+
+    c, u: the prompt's and the negative prompt's features; I: the image latents, 0: zeros in their place.
+    One batched call in diffusers' order (c + I, u + I, u + 0). With both scales 1 it is D(c, I), one call.
+    Unlike diffusers, which turns all guidance off when cfg_scale <= 1 or image_cfg_scale < 1, any scales
+    are taken as given (A1111 does the same). Guidance on x0 equals guidance on eps (x0 is affine in eps).
+    """
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x: torch.Tensor, sigma, *, cond: Cond, uncond: Cond | None, cfg_scale: float,
+                 image_cfg_scale: float) -> torch.Tensor:
+        cond = as_cond(cond)
+        if cfg_scale == 1.0 and image_cfg_scale == 1.0 or uncond is None:
+            return self.denoiser(x, sigma, cond)
+        uncond = as_cond(uncond)
+        no_image = replace(uncond, concat=torch.zeros_like(uncond.concat))
+        sigma = _per_sample(sigma, x)
+        out = self.denoiser(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]),
+                            cat_conds([cond, uncond, no_image]))
+        d_cond, d_image, d_uncond = out.chunk(3)
+        return d_uncond + cfg_scale * (d_cond - d_image) + image_cfg_scale * (d_image - d_uncond)

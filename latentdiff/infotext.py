@@ -209,7 +209,20 @@ def _json_writer(document: dict) -> str:
 SCALAR_KEYS = {
     "Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int), "Eta": ("eta", float), "Denoising strength": ("strength", float),
+    "Image CFG scale": ("image_cfg_scale", float),
 }
+# The hires fix's keys (hires.py) -> (request field, value type); Hires resize is two fields, read below. A1111
+# pastes an infotext with the hires fix on when it has Hires upscale, Hires upscaler or Hires resize.
+HIRES_KEYS = {
+    "Hires sampler": ("hr_sampler_name", str), "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str), "Hires upscale": ("hr_scale", float),
+    "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
+}
+HIRES_ORDER = ("Hires sampler", "Hires prompt", "Hires negative prompt", "Hires schedule type", "Hires upscale",
+               "Hires resize", "Hires steps", "Hires upscaler")  # as A1111 adds them
+HIRES_SWITCHES = ("Hires upscale", "Hires upscaler", "Hires resize")
+_HIRES_RESIZE = re.compile(r"([0-9]{1,9})\s*x\s*([0-9]{1,9})")
 # Keys that describe the image without directing its generation: never worth a warning. (Lora and
 # TI hashes do direct it: they record add-ons the prompt loaded.)
 DESCRIPTIVE_KEYS = {"Model hash", "Model", "VAE hash", "VAE", "Version", "User", "Hashes", *TEMPLATE_KEYS}
@@ -231,10 +244,12 @@ def to_fields(info: Infotext) -> tuple[dict, list[str]]:
     fields holds prompt and negative_prompt, plus what the parameters give: steps (int), sampler
     (str, A1111's spelling where it has one) with schedule (str, or None for the sampler's default:
     "Automatic" or no Schedule type), cfg_scale, seed, width and height (from Size), clip_skip, eta,
-    strength (from Denoising strength, unless the Hires fix used it). A missing key leaves its field
-    out, so the request's default applies. A value that does not read as its type raises InputError
-    naming the key and the value. The second list names, in the text's order, every key that is
-    neither mapped nor descriptive (Model, Version, ...): hires, LoRA / TI hashes, unknown keys.
+    strength (from Denoising strength: img2img's, or the hires fix's second pass's), and the hires fix's
+    fields (enable_hr and HIRES_KEYS; an upscaler latentdiff lacks, such as ESRGAN, is left out and named as
+    not honoured). A missing key leaves its field out, so the request's default applies. A value that
+    does not read as its type raises InputError naming the key and the value. The second list names,
+    in the text's order, every key that is neither mapped nor descriptive (Model, Version, ...): LoRA /
+    TI hashes, unknown keys.
     """
     params = info.params
     fields = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
@@ -249,25 +264,29 @@ def to_fields(info: Infotext) -> tuple[dict, list[str]]:
             fields["sampler"] = sampler
         if sampler is not None or schedule is not None:  # a sampler's schedule is always set
             fields["schedule"] = schedule
-    hires = any(key.startswith("Hires ") for key in params)
-    if hires:  # the strength belonged to the second pass, which is not replayed
-        fields.pop("strength", None)
+    hires = _read_hires(params)
+    fields |= hires
     if "Eta DDIM" in params and "eta" not in fields and fields.get("sampler") == "DDIM":
         fields["eta"] = _read_number("Eta DDIM", params["Eta DDIM"], float)
-    mapped = {*SCALAR_KEYS, "Size", "Sampler", "Schedule type", *DESCRIPTIVE_KEYS}
+    fields |= _inpaint_fields(params)
+    mapped = {*SCALAR_KEYS, "Size", "Sampler", "Schedule type", *DESCRIPTIVE_KEYS, *INPAINT_KEYS}
     if "eta" in fields:
         mapped.add("Eta DDIM")
-    if hires:
-        mapped.discard("Denoising strength")
+    mapped |= {key for key, (field, _) in HIRES_KEYS.items() if field in hires}
+    if "hr_resize_x" in hires:
+        mapped.add("Hires resize")
     return fields, [key for key in params if key not in mapped]
 
 
 def from_fields(fields: dict, extra: dict | None = None) -> str:
     """Infotext for request fields (to_fields' names), with `extra` A1111 keys (Model hash, Model,
     Version, ...) written as given. None values, clip_skip 1 and a schedule of None (the sampler's
-    default) are left out, as A1111 leaves out defaults. The sampler is written as given."""
+    default) are left out, as A1111 leaves out defaults. The sampler is written as given. The hires fix's
+    fields are written as A1111's Hires keys (enable_hr alone: its default Hires upscale)."""
     names = {field: key for key, (field, _) in SCALAR_KEYS.items()}
-    allowed = {"prompt", "negative_prompt", "sampler", "schedule", "width", "height", *names}
+    hires = {field: key for key, (field, _) in HIRES_KEYS.items()}
+    allowed = {"prompt", "negative_prompt", "sampler", "schedule", "width", "height", *names, *hires,
+               "hr_resize_x", "hr_resize_y", "enable_hr", *INPAINT_KEYS.values()}
     unknown = [name for name in fields if name not in allowed]
     if unknown:
         raise InputError(f"from_fields: unknown field(s) {unknown}; the infotext carries "
@@ -280,8 +299,79 @@ def from_fields(fields: dict, extra: dict | None = None) -> str:
     for field, key in names.items():
         if fields.get(field) is not None and not (field == "clip_skip" and fields[field] == 1):
             params[key] = fields[field]
+    written = {key: fields.get(field) for field, key in hires.items()}
+    written["Hires schedule type"] = _schedule_label(fields.get("hr_scheduler"))
+    if fields.get("hr_resize_x") is not None:
+        written["Hires resize"] = f"{fields['hr_resize_x']}x{fields['hr_resize_y']}"
+    if fields.get("enable_hr") and not any(written.get(key) is not None for key in HIRES_SWITCHES):
+        from .request import DEFAULTS
+        written["Hires upscale"] = DEFAULTS.hr_scale  # the hires fix was on: a reader must see it
+    params |= {key: written.get(key) for key in HIRES_ORDER}
+    params |= _inpaint_params(fields)
     return format_parameters(fields.get("prompt") or "", fields.get("negative_prompt") or "",
                              params | dict(extra or {}))
+
+
+def _read_hires(params: dict) -> dict:
+    """The hires fix's request fields from its keys ({} when it was off)."""
+    if not any(key in params for key in HIRES_SWITCHES):
+        return {}
+    from .hires import UPSCALERS
+    fields = {"enable_hr": True}
+    for key, (field, kind) in HIRES_KEYS.items():
+        if key in params:
+            fields[field] = params[key] if kind is str else _read_number(key, params[key], kind)
+    label = fields.pop("hr_scheduler", "").strip()
+    if label and label.lower() != "automatic":
+        fields["hr_scheduler"] = _schedule_name(label)
+    if fields.get("hr_upscaler", "").lower() not in {name.lower() for name in UPSCALERS}:
+        fields.pop("hr_upscaler", None)  # e.g. R-ESRGAN 4x+: named as not honoured, the default replays
+    if "Hires resize" in params:
+        match = _HIRES_RESIZE.fullmatch(params["Hires resize"].strip())
+        if match is None:
+            raise InputError(f"parameter 'Hires resize' is {params['Hires resize']!r}: expected WIDTHxHEIGHT such "
+                             f"as 1024x1536 (0 for a side taken from the aspect ratio)")
+        fields["hr_resize_x"], fields["hr_resize_y"] = int(match[1]), int(match[2])
+    return fields
+
+
+# Inpainting as A1111 records it (each key only when not its default, except Mask blur, which A1111 writes
+# when it is above 0 and we always write with a mask, so that a replay never falls back to another default),
+# and latentdiff's own Outpaint ("left:64,right:64").
+INPAINT_KEYS = {"Mask blur": "mask_blur", "Mask mode": "inpainting_mask_invert", "Masked content": "inpainting_fill",
+                "Inpaint area": "inpaint_full_res", "Masked area padding": "inpaint_full_res_padding",
+                "Outpaint": "outpaint"}
+_CHOICES = {"Mask mode": {"inpaint masked": False, "inpaint not masked": True},
+            "Inpaint area": {"whole picture": False, "only masked": True}}
+
+
+def _inpaint_fields(params: dict) -> dict:
+    fields = {}
+    for key, field in INPAINT_KEYS.items():
+        if key not in params:
+            continue
+        value = params[key].strip()
+        if key in _CHOICES:
+            if value.lower() not in _CHOICES[key]:
+                choices = ", ".join(map(repr, _CHOICES[key]))
+                raise InputError(f"parameter {key!r} is {value!r}: expected one of {choices}")
+            fields[field] = _CHOICES[key][value.lower()]
+        elif key in ("Mask blur", "Masked area padding"):
+            fields[field] = _read_number(key, value, int)
+        else:
+            fields[field] = value
+    return fields
+
+
+def _inpaint_params(fields: dict) -> dict:
+    params = {"Mask blur": fields.get("mask_blur"), "Outpaint": fields.get("outpaint")}
+    if fields.get("inpainting_mask_invert"):
+        params["Mask mode"] = "Inpaint not masked"
+    if fields.get("inpainting_fill") not in (None, "original"):
+        params["Masked content"] = fields["inpainting_fill"]
+    if fields.get("inpaint_full_res"):
+        params |= {"Inpaint area": "Only masked", "Masked area padding": fields.get("inpaint_full_res_padding")}
+    return params
 
 
 def hash_entry_name(name: str) -> str:

@@ -14,10 +14,22 @@ FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "width"
          "seed": "--seed", "batch_size": "--batch-size", "n_iter": "--n-iter", "clip_skip": "--clip-skip",
          "eta": "--eta", "strength": "--strength", "init_image": "--init-image", "resize_mode": "--resize-mode",
          "device": "--device", "dtype": "--dtype", "threads": "--threads", "attention_slice": "--attention-slice",
-         "vae_tiling": "--vae-tiling", "offload": "--offload"}
+         "vae_tiling": "--vae-tiling", "offload": "--offload",
+         "enable_hr": "--hr-scale", "hr_scale": "--hr-scale", "hr_resize_x": "--hr-resize-x",
+         "hr_resize_y": "--hr-resize-y", "hr_upscaler": "--hr-upscaler", "hr_second_pass_steps": "--hr-steps",
+         "hr_sampler_name": "--hr-sampler", "hr_scheduler": "--hr-schedule", "hr_prompt": "--hr-prompt",
+         "hr_negative_prompt": "--hr-negative-prompt", "image_cfg_scale": "--image-cfg-scale",
+         "mask": "--mask", "mask_blur": "--mask-blur", "inpainting_mask_invert": "--invert-mask",
+         "inpainting_fill": "--masked-content", "inpaint_full_res": "--only-masked",
+         "inpaint_full_res_padding": "--mask-padding", "outpaint": "--outpaint"}
+# the fields whose flag (or prompts-file key) turns the hires fix on: A1111's enable_hr
+HIRES_SWITCHES = ("hr_scale", "hr_resize_x", "hr_resize_y")
 # the per-line options of a JSON prompts file: the request's plain fields
 JOB_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "cfg_scale", "seed",
-            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode")
+            "batch_size", "n_iter", "clip_skip", "eta", "strength", "resize_mode", "enable_hr", "hr_scale",
+            "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler_name", "hr_scheduler",
+            "hr_prompt", "hr_negative_prompt", "image_cfg_scale", "mask_blur", "inpainting_mask_invert",
+            "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "outpaint")
 
 
 def for_the_command_line(error: Exception) -> str:
@@ -51,7 +63,12 @@ def _flags(args) -> dict:
     fields = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
     if getattr(args, "init_image", None) is None:
         fields.pop("init_image", None)
-    return fields
+    return _switch_hires(fields)
+
+
+def _switch_hires(fields: dict) -> dict:
+    """A hires size given turns the hires fix on."""
+    return fields | {"enable_hr": True} if any(name in fields for name in HIRES_SWITCHES) else fields
 
 
 def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
@@ -61,6 +78,8 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
     from .request import GenerationRequest
     flags = _flags(args)
     base, origin, notes = {}, {name: FLAGS[name] for name in flags}, []
+    if mode == "txt2img" and "strength" in flags:  # the hires pass's strength, as A1111's txt2img names it
+        origin["strength"] = "--denoising-strength"
     if args.from_png:
         base, unhonoured = _png_fields(args.from_png, mode)
         if "TI hashes" in unhonoured and getattr(args, "embeddings_dir", None):  # honoured if found and equal
@@ -80,31 +99,53 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
         origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin
     if mode == "img2img" and "init_image" not in flags:
         raise InputError("img2img needs --init-image IMAGE: the picture to start from")
+    if args.from_png and "mask" not in flags and _inpainted(base):
+        raise InputError(f"--from-png {args.from_png}: this image was inpainted; replay it with --mask MASK (the "
+                         f"mask it was made with) beside --init-image")
     if not args.prompts_file:
         if "prompt" not in flags and "prompt" not in base:
             raise InputError("no prompt: give one as the first argument (or use --prompts-file / --from-png)")
         job = Job(GenerationRequest(**(base | flags)), origin)
         job.check(job.request.validate)
+        _check_strength_flag(job, flags, mode)
         return _load_init_images([job]), notes
     jobs, seen = [], {}
     for n, line_fields in _prompts_file(Path(args.prompts_file)):
         where = f"--prompts-file {args.prompts_file}:{n}:"
-        fields = base | flags | line_fields
+        fields = base | flags | _switch_hires(line_fields)
         line_origin = origin | {name: f"{where} {name}" for name in line_fields}
         content = json.dumps({k: str(v) for k, v in sorted(fields.items())}, ensure_ascii=False)
         seen[content] = seen.get(content, -1) + 1  # identical lines are separate jobs
         key = hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:12]
         job = Job(GenerationRequest(**fields), line_origin, stem=key)
         job.check(job.request.validate)
+        _check_strength_flag(job, flags, mode)
         jobs.append(job)
     return _load_init_images(jobs), notes
 
 
+def _check_strength_flag(job: Job, flags: dict, mode: str) -> None:
+    """txt2img's --denoising-strength is the hires pass's: refused, not ignored, with the hires fix off."""
+    if mode == "txt2img" and "strength" in flags and not job.request.enable_hr:
+        raise InputError("--denoising-strength is the hires fix's second-pass strength: add --hr-scale or "
+                         "--hr-resize-x/--hr-resize-y (img2img takes --strength)")
+
+
+def _inpainted(fields: dict) -> bool:
+    from .inpaint import INPAINT_FIELDS
+    return "outpaint" not in fields and any(name in fields for name in INPAINT_FIELDS)
+
+
 def _load_init_images(jobs: list[Job]) -> list[Job]:
-    """Each init image read once, now: a bad file fails before the model loads."""
+    """Each init image and mask read once, now: a bad file fails before the model loads."""
     from .images import load_image
+    from .inpaint import MASK_FROM_ALPHA, load_mask, mask_from_alpha
     loaded = {}
     for job in jobs:
+        mask = job.request.mask
+        if mask is not None:  # the alpha before load_image drops it
+            mask = mask_from_alpha(job.request.init_image) if mask == MASK_FROM_ALPHA else load_mask(mask)
+            job.request = job.request.replace(mask=mask)
         path = job.request.init_image
         if path is not None:
             loaded[path] = loaded.get(path) or load_image(path)
@@ -148,7 +189,10 @@ def _png_fields(path: str, mode: str) -> tuple[dict, list[str]]:
         fields, unhonoured = to_fields(parse_parameters(read_png_parameters(path)))
     except InputError as e:
         raise InputError(f"--from-png {path}: {e}") from None
-    if "strength" in fields and mode == "txt2img":
+    if mode == "img2img" and fields.get("enable_hr"):
+        raise InputError(f"--from-png {path}: this image was made by txt2img with the hires fix; replay it with "
+                         f"`latentdiff txt2img --from-png {path}`")
+    if "strength" in fields and mode == "txt2img" and not fields.get("enable_hr"):
         raise InputError(f"--from-png {path}: this image was made by img2img (Denoising strength "
                          f"{fields['strength']:g}); replay it with `latentdiff img2img --from-png {path} "
                          f"--init-image IMAGE`, giving the image it started from")

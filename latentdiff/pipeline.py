@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, speedups
+from . import __version__, hires, inpaint, instruct, speedups
 from .conditioning import Cond, concat_family, map_tensors
-from .denoisers import CFGDenoiser, DiscreteDenoiser
+from .denoisers import CFGDenoiser, DiscreteDenoiser, InstructCFGDenoiser
 from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtype, to_device
+from .diffedit import FIELD_NAMES as DIFFEDIT_FIELDS, DiffEditRequest, diffedit
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .formats.embeddings import load_embeddings_dir, ti_hashes
 from .extra_networks import find_lora, lora_files, negative_tag_notes, prompt_loras, resolve_lora, strip_tags
@@ -25,6 +26,7 @@ from .loader import load_model, model_hash, swap_vae, vae_name
 from .lora_merge import MergedLoras
 from .memory import keep_freed_memory
 from .model import StableDiffusion
+from .prompt_schedule import PromptPlan, ScheduledCFGDenoiser, ScheduledText
 from .prompts import count_chunks, encode_prompts, used_embeddings
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
 from .resources import demo_model
@@ -199,7 +201,7 @@ class Pipeline:
         noise = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in gens])
         return to_device(noise, self.device)
 
-    def _denoiser(self, cond: Cond, uncond: Cond | None, cfg_scale):
+    def _denoiser(self, cond: Cond, uncond: Cond | None, cfg_scale, image_cfg_scale=None):
         dtype = self.dtype
         unet = self._unet
 
@@ -208,7 +210,11 @@ class Pipeline:
 
         acp = alphas_cumprod_for(self.config)  # on the host, as the sigmas
         base = DiscreteDenoiser(network, acp, prediction=self.config.prediction)
-        return CFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
+        if image_cfg_scale is not None:  # InstructPix2Pix: three-way guidance
+            return InstructCFGDenoiser(base), dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale,
+                                                   image_cfg_scale=image_cfg_scale), acp
+        guide = ScheduledCFGDenoiser(base) if isinstance(cond, ScheduledText) else CFGDenoiser(base)
+        return guide, dict(cond=cond, uncond=uncond, cfg_scale=cfg_scale), acp
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -218,8 +224,18 @@ class Pipeline:
 
     def img2img(self, image, prompt: str | list[str], negative_prompt: str | list[str] = "", **options) -> Result:
         """SDEdit: encode the image (a PIL image or a path), noise it to the strength's level, denoise the rest
-        of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple."""
+        of the schedule. Without width/height the image keeps its size, cropped to the model's size multiple.
+        With `mask` (white = repaint) or `outpaint` it inpaints (latentdiff/inpaint.py)."""
         return self._run("img2img", dict(init_image=image, prompt=prompt, negative_prompt=negative_prompt), options)
+
+    def diffedit(self, image, source_prompt: str, target_prompt: str, **options):
+        """DiffEdit (diffedit.py): edit what the target prompt changes from the source prompt, keep the rest.
+        `options`: any DiffEditRequest field (steps, cfg_scale, seed, mask_encode_strength, ...)."""
+        unknown = sorted(set(options) - set(DIFFEDIT_FIELDS))
+        if unknown:
+            raise InputError(f"diffedit: unknown parameter(s) {unknown}; valid ones are {', '.join(DIFFEDIT_FIELDS)}")
+        request = DiffEditRequest(image=image, source_prompt=source_prompt, target_prompt=target_prompt, **options)
+        return diffedit(self, request)
 
     def _run(self, where: str, fields: dict, options: dict) -> Result:
         run = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
@@ -234,7 +250,9 @@ class Pipeline:
             raise InputError(f"generate() needs a GenerationRequest, not {type(request).__name__}")
         request.validate()
         unet = self.config.unet
-        if unet.in_channels != unet.out_channels:  # nothing builds the concat channels of the Cond for it yet
+        inpaint.check_model(request, unet)
+        usable = instruct.is_instruct_model(self.config) or inpaint.is_inpainting_unet(unet)
+        if unet.in_channels != unet.out_channels and not usable:  # nothing builds the others' conditioning
             raise UnsupportedModelError(
                 f"this checkpoint is {concat_family(unet.in_channels, unet.out_channels)}: its U-Net takes "
                 f"{unet.in_channels} input channels, and the pipeline cannot yet build that conditioning; "
@@ -243,21 +261,35 @@ class Pipeline:
         if request.clip_skip > layers:
             raise FieldError("clip_skip", f"must be between 1 and {layers} (this text encoder's layers), "
                                           f"not {request.clip_skip}")
+        image_cfg_scale = instruct.check_request(request, self.config)
         multiple, notes = self.size_multiple(), []
         seed = secrets.randbelow(2**32) if request.seed == RANDOM_SEED else request.seed
-        width, height, image = request.width, request.height, request.init_image
+        width, height, image, mask = request.width, request.height, request.init_image, request.mask
+        if isinstance(mask, str) and mask == inpaint.MASK_FROM_ALPHA:
+            mask = inpaint.mask_from_alpha(image)
         if image is not None:
-            image = _fit_init_image(as_rgb_image(image), width, height, resize_mode(request.resize_mode), multiple,
-                                    notes)
+            image = as_rgb_image(image)
+            if request.outpaint is not None:  # the canvas first, so that Size is the canvas when replayed
+                image, mask = inpaint.outpaint_canvas(image, inpaint.outpaint_margins(request.outpaint))
+            mask = None if mask is None else inpaint.load_mask(mask)
+            fitted = _fit_init_image(image, width, height, resize_mode(request.resize_mode), multiple, notes)
+            if mask is not None:  # the mask goes where the image went
+                mask = inpaint.check_mask_size(mask, image.size, notes)
+                mask = _fit_init_image(mask.convert("RGB"), width, height, resize_mode(request.resize_mode),
+                                       multiple, []).convert("L")
+            image = fitted
             width, height = image.size
             if int(request.steps * request.strength) < 1:
                 raise FieldError("strength", f"{request.strength} with {request.steps} steps runs no step "
                                              f"(int(steps * strength) == 0): raise the strength or the steps")
         spec, schedule = request.sampler_spec  # recorded by A1111's name, with the schedule it resolves to
-        prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image,
+        prepared = request.replace(seed=seed, sampler=spec.name, schedule=schedule, init_image=image, mask=mask,
                                    width=width or self.config.resolution, height=height or self.config.resolution,
-                                   batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode))
+                                   batch_size=len(request.prompts), resize_mode=resize_mode(request.resize_mode),
+                                   image_cfg_scale=image_cfg_scale)
         prepared.check_size(multiple)
+        if prepared.enable_hr:
+            prepared = hires.prepare(prepared, multiple, request.schedule)
         return prepared, notes
 
     @torch.no_grad()
@@ -269,13 +301,20 @@ class Pipeline:
         request, notes = self.prepare(request)
         notes += self._request_loras(request)
         images, seeds, latents = [], [], []
+        inpainting = inpaint.for_request(request, notes)  # None without a mask
         with generation_threads(self.threads):
             conds = self._conditioning(request)  # once: every iteration has the same prompts
+            second_pass = hires.SecondPass(self, request, conds) if request.enable_hr else None
             for iteration in range(request.n_iter):
                 first = request.seed + iteration * request.batch_size
                 batch_seeds = [first + i for i in range(request.batch_size)]
-                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device)
+                x = self._sample(request, conds, batch_seeds, callback, progress, noise_device, inpainting)
+                if second_pass is not None:  # the hires fix: upscaled, then refined at the larger size
+                    x = second_pass(x, batch_seeds, notes, callback=callback, progress=progress,
+                                    noise_device=noise_device)
                 decoded, decode_notes = self.decode(x)
+                if inpainting is not None:
+                    decoded = [inpainting.paste_back(image) for image in decoded]
                 images += decoded
                 seeds += batch_seeds
                 notes += decode_notes
@@ -290,8 +329,10 @@ class Pipeline:
         fields = dict(prompt=request.prompts[i], negative_prompt=request.negative_prompts[i], steps=request.steps,
                       sampler=request.sampler, schedule=request.schedule, cfg_scale=request.cfg_scale,
                       seed=request.seed + index, width=request.width, height=request.height,
-                      clip_skip=request.clip_skip, eta=request.eta,
-                      strength=request.strength if request.init_image is not None else None)
+                      clip_skip=request.clip_skip, eta=request.eta, image_cfg_scale=request.image_cfg_scale,
+                      strength=request.strength if request.init_image is not None or request.enable_hr else None,
+                      **hires.infotext_fields(request, index))
+        fields |= inpaint.infotext_fields(request)
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
         used = {id(e): e for text in (strip_tags(fields["prompt"]), fields["negative_prompt"])
                 for e in used_embeddings(text, self.embeddings)}
@@ -314,23 +355,46 @@ class Pipeline:
         """The same short hash of the swapped-in VAE's file."""
         return model_hash(self.vae_source) if self.vae_source else None
 
-    def _conditioning(self, request: GenerationRequest) -> tuple[Cond, Cond | None]:
-        """The (cond, uncond) records of a request's prompts; uncond None without guidance."""
+    def _conditioning(self, request: GenerationRequest, hires_steps: int | None = None
+                      ) -> tuple[Cond | ScheduledText, Cond | ScheduledText | None]:
+        """The (cond, uncond) records of a request's prompts; uncond None without guidance. Prompts with
+        editing, alternation or AND give ScheduledText records instead (prompt_schedule.py), scheduled over
+        the request's steps, or with `hires_steps` over a hires fix's second pass of that many steps."""
+        spec, _ = request.sampler_spec
+        calls = 2 if spec.second_order else 1  # A1111 counts model calls: two per step for these samplers
+        guided = instruct.needs_uncond(request.cfg_scale, request.image_cfg_scale)
+        # the plan encodes the negative prompts when cfg_scale != 1; InstructPix2Pix's image guidance needs them too
+        plan_cfg = request.cfg_scale if request.cfg_scale != 1.0 or not guided else 0.0
         prompts = [strip_tags(p) for p in request.prompts]  # extra-network tags are not words (A1111)
+        plan = PromptPlan.of(prompts, request.negative_prompts, request.steps * calls, plan_cfg,
+                             hires_steps and hires_steps * calls)
+        if plan.scheduled and request.image_cfg_scale is not None:
+            raise FieldError("prompt", "uses prompt editing, alternation or AND, which InstructPix2Pix checkpoints "
+                                       "(three-way guidance) cannot take yet: write the instruction without them")
+        if plan.scheduled:
+            return plan.encode(lambda texts, chunks: self.encode_prompt(texts, request.clip_skip, chunks),
+                               lambda texts: count_chunks(texts, self.model.tokenizer, self.embeddings))
+        prompts, negatives = plan.prompts, plan.negatives
         chunks = 1  # CFG batches cond and uncond: both get the chunk count of the longer
-        if request.cfg_scale != 1.0:
-            chunks = count_chunks(prompts + request.negative_prompts, self.model.tokenizer, self.embeddings)
+        if guided:
+            chunks = count_chunks(prompts + negatives, self.model.tokenizer, self.embeddings)
         cond = Cond(context=self.encode_prompt(prompts, request.clip_skip, chunks))
         uncond = None
-        if request.cfg_scale != 1.0:
-            uncond = Cond(context=self.encode_prompt(request.negative_prompts, request.clip_skip, chunks))
+        if guided:
+            uncond = Cond(context=self.encode_prompt(negatives, request.clip_skip, chunks))
+        if request.image_cfg_scale is not None:  # InstructPix2Pix: the image's latents beside every call's
+            latents = instruct.image_latents(self.posterior(request.init_image)).expand(len(prompts), -1, -1, -1)
+            cond, uncond = instruct.with_image(cond, latents), instruct.with_image(uncond, latents)
         return cond, uncond
 
     def _sample(self, request: GenerationRequest, conds: tuple[Cond, Cond | None], seeds: list[int], callback,
-                progress, noise_device):
+                progress, noise_device, inpainting: "inpaint.Inpainting | None" = None,
+                latents: torch.Tensor | None = None, run_steps: int | None = None):
+        """Sampled latents for one batch; with `latents` (the hires fix's second pass), the last `run_steps`
+        steps of the request's schedule from those latents plus the seeds' first noise draw."""
         spec, schedule = request.sampler_spec
         cond, uncond = conds
-        denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale)
+        denoiser, extra_args, acp = self._denoiser(cond, uncond, request.cfg_scale, request.image_cfg_scale)
         # sigmas stay on the host: samplers branch on them every step, which must not sync with a GPU
         # diffusers' spacings laid out as this sampler's diffusers scheduler does
         sigmas = make_sigmas(schedule, request.steps, acp,
@@ -339,12 +403,24 @@ class Pipeline:
         f = self.config.vae.downsample_factor
         shape = (self.config.unet.out_channels, request.height // f, request.width // f)
         gens = self._generators(seeds, noise_device)
-        if request.init_image is None:
+        if latents is not None:
+            sigmas = sigmas[len(sigmas) - 1 - run_steps:]
+            x = latents + self._randn(gens, shape) * sigmas[0]
+        elif request.init_image is None:
             x = self._randn(gens, shape) * sigmas[0]
         else:  # draw order as diffusers' img2img: posterior sample, then the added noise
             sigmas = img2img_sigmas(sigmas, request.strength)
-            latents = self.encode_image(request.init_image, gens)
-            x = latents + self._randn(gens, shape) * sigmas[0]
+            latents = self.encode_image(request.init_image if inpainting is None else inpainting.image, gens)
+            noise = self._randn(gens, shape)
+            if inpainting is not None:
+                latents, denoiser, extra_args, finish = inpaint.start_sampling(
+                    inpainting, latents, denoiser, extra_args, encode=lambda pixels: self.encode_image(pixels, gens),
+                    fresh_noise=lambda: self._randn(self._generators(seeds, noise_device), shape),
+                    inpainting_unet=inpaint.is_inpainting_unet(self.config.unet))
+            x = latents + noise * sigmas[0]
+        if inpainting is None and inpaint.is_inpainting_unet(self.config.unet):  # nothing to keep: all repainted
+            extra_args = inpaint.whole_image_conditioning(
+                extra_args, encode=lambda pixels: self.encode_image(pixels, gens), size=(request.height, request.width))
 
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
 
@@ -361,6 +437,8 @@ class Pipeline:
         with keep_freed_memory() if keep else nullcontext():
             x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=on_step, noise_sampler=noise, **options)
         bar.close()
+        if inpainting is not None:
+            x = finish(x)
         # a schedule ending above 0 (diffusers' DDIM / PNDM spacings) leaves x in sigma space at that sigma,
         # where those schedulers return the variance-preserving latents; for a schedule ending at 0 this is x / 1
         return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
@@ -368,12 +446,21 @@ class Pipeline:
     # -- autoencoder --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, gens: list[torch.Generator]) -> torch.Tensor:
-        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them)."""
-        x = pil_to_tensor(image).to(self.device, self.dtype)
-        with self._on_device(self.model.vae) as vae:
-            posterior = tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
+    def encode_image(self, image: Image.Image | torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
+        """Scaled latents: one posterior sample per generator (as diffusers' img2img draws them); without
+        generators, the posterior's mean (the hires fix's image upscalers)."""
+        posterior = self.posterior(image)
+        if gens is None:
+            return posterior.mode().float() * self.config.latent_scale
         return torch.cat([posterior.sample(generator=g).float() for g in gens]) * self.config.latent_scale
+
+    @torch.no_grad()
+    def posterior(self, image: Image.Image | torch.Tensor):
+        """The VAE's posterior of an image (tiled as vae_tiling says): unscaled latents' mean and spread.
+        `image`: a PIL image or a (1, 3, H, W) tensor in [-1, 1]."""
+        x = (image if isinstance(image, torch.Tensor) else pil_to_tensor(image)).to(self.device, self.dtype)
+        with self._on_device(self.model.vae) as vae:
+            return tiled_encode(vae, x) if wants_tiling(self.vae_tiling, *x.shape[2:]) else vae.encode(x)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[str]]:

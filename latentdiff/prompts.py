@@ -5,9 +5,9 @@ chunk is encoded on its own as start + 75 tokens + end, the features of all chun
 axis (`encode_prompts`). The behaviour follows A1111's documentation and its documented examples (see
 tests/test_prompts.py); the code is our own.
 
-Not parsed yet (read as emphasis and plain text, so `[a:b:0.5]` is "a:b:0.5" at weight 1/1.1): prompt
-editing `[from:to:when]`, alternation `[a|b]` and composable `AND`. They would be a pass before `parse`
-that yields one prompt per step range; the pieces and chunks below stay as they are.
+Prompt editing `[from:to:when]`, alternation `[a|b]` and composable `AND` are a pass before this one
+(prompt_schedule.py): it turns a prompt into the plain texts of each step range and AND part, which are read
+here. `parse` itself reads them as emphasis and text (`[a:b:0.5]` is "a:b:0.5" at weight 1/1.1).
 
 Textual-inversion embeddings: a loaded embedding's name (its file stem), written as a word of its own in any
 case, stands for its vectors (`find_triggers`); they take one token slot each, carry the emphasis weight of

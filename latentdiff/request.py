@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .errors import FieldError, InputError
+from .hires import check_fields as check_hires_fields
+from .inpaint import check_fields as check_inpaint_fields
 from .sampling import sampler_spec
 from .schedules import schedule_names
 
@@ -42,12 +44,30 @@ class GenerationRequest:
     strength: float = 0.75  # img2img's denoising strength
     init_image: Image.Image | str | os.PathLike | None = None
     resize_mode: str | int = "just resize"  # img2img with width/height: how the init image gets that size
+    image_cfg_scale: float | None = None  # InstructPix2Pix models only (None: 1.5 there); A1111's API name
+    # inpainting (latentdiff/inpaint.py; A1111's API names): white = repaint; a path, a PIL image or "alpha"
+    mask: Image.Image | str | os.PathLike | None = None
+    mask_blur: int = 4  # px, Gaussian standard deviation
+    inpainting_mask_invert: bool = False  # repaint the black part instead
+    inpainting_fill: str | int = "original"  # masked content: fill, original, latent noise, latent nothing (0-3)
+    inpaint_full_res: bool = False  # only the masked region (plus padding), repainted at the full size
+    inpaint_full_res_padding: int = 32
+    outpaint: str | dict | tuple | None = None  # (left, right, top, bottom) px, or "left:64,right:64"
     # room for the add-ons of later issues; each must stay empty until its feature lands
-    mask: Image.Image | None = None
     loras: tuple = ()  # ((LoRA file or name in the pipeline's LoRA folder, strength or (te, unet)), ...)
     embeddings: tuple = ()
-    hires: dict | None = None
     control: tuple = ()
+    # the hires fix (hires.py), by A1111's API names; its denoising strength is `strength`
+    enable_hr: bool = False
+    hr_scale: float = 2.0  # used when hr_resize_x and hr_resize_y are both 0
+    hr_resize_x: int = 0  # 0: from the other side (and the aspect ratio); both 0: hr_scale
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0  # 0: steps
+    hr_sampler_name: str | None = None  # None: the sampler
+    hr_scheduler: str | None = None  # a schedule name; None: the first pass's if named, else hr_sampler_name's
+    hr_prompt: str | list[str] = ""  # "": the prompt
+    hr_negative_prompt: str | list[str] = ""
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -81,6 +101,8 @@ class GenerationRequest:
             raise FieldError("seed", f"{self.seed}: with {self.batch_size * self.n_iter} images the seeds pass "
                                      f"{MAX_SEED}; choose a smaller seed")
         _number("cfg_scale", self.cfg_scale)
+        if self.image_cfg_scale is not None:
+            _number("image_cfg_scale", self.image_cfg_scale)
         if self.eta is not None:
             _number("eta", self.eta, minimum=0.0)
         _number("strength", self.strength)
@@ -96,9 +118,8 @@ class GenerationRequest:
         resize_mode(self.resize_mode)
         if self.init_image is not None and not isinstance(self.init_image, (Image.Image, str, os.PathLike)):
             raise FieldError("init_image", f"must be a PIL image or a file path, not {type(self.init_image).__name__}")
-        for name in ("mask", "hires"):
-            if getattr(self, name) is not None:
-                raise FieldError(name, "is not supported yet; leave it out")
+        check_hires_fields(self)
+        check_inpaint_fields(self)
         _check_loras(self.loras)
         for name in ("embeddings", "control"):
             if getattr(self, name):

@@ -233,13 +233,15 @@ class SamplerSpec:
     """A sampler as users name it (`name`: A1111's spelling) and what running it needs. `noise`: what its
     noise_sampler must draw: "none" (it draws nothing), "independent" (fresh normal noise per call) or
     "brownian" (increments of one Brownian path: DPM++ SDE's two draws per step must correlate like one,
-    sampling_stochastic.brownian_noise_sampler). `takes_eta`: it has an eta (amount of noise) parameter."""
+    sampling_stochastic.brownian_noise_sampler). `takes_eta`: it has an eta (amount of noise) parameter.
+    `second_order`: A1111 counts prompt-schedule steps for it against twice the steps (prompt_schedule.py)."""
 
     name: str
     fn: Callable
     default_schedule: str
     noise: str = "none"
     takes_eta: bool = False
+    second_order: bool = False
 
 
 # Lookups ignore case, spaces and punctuation ("++" reads "pp"), accept "ancestral" for "a", a "k_" prefix
@@ -247,14 +249,14 @@ class SamplerSpec:
 SAMPLERS = {spec.name: spec for spec in (
     SamplerSpec("Euler", sample_euler, "normal"),
     SamplerSpec("Euler a", stochastic.sample_euler_a, "normal", "independent", takes_eta=True),
-    SamplerSpec("Heun", sample_heun, "normal"),
+    SamplerSpec("Heun", sample_heun, "normal", second_order=True),
     SamplerSpec("LMS", sample_lms, "normal"),
-    SamplerSpec("DPM2", sample_dpm2, "normal"),
-    SamplerSpec("DPM2 a", stochastic.sample_dpm2_a, "normal", "independent", takes_eta=True),
+    SamplerSpec("DPM2", sample_dpm2, "normal", second_order=True),
+    SamplerSpec("DPM2 a", stochastic.sample_dpm2_a, "normal", "independent", takes_eta=True, second_order=True),
     SamplerSpec("DPM++ 2M", sample_dpmpp_2m, "normal"),
     SamplerSpec("DPM++ 2M SDE", stochastic.sample_dpmpp_2m_sde, "normal", "independent", takes_eta=True),
-    SamplerSpec("DPM++ 2S a", stochastic.sample_dpmpp_2s_a, "normal", "independent", takes_eta=True),
-    SamplerSpec("DPM++ SDE", stochastic.sample_dpmpp_sde, "normal", "brownian", takes_eta=True),
+    SamplerSpec("DPM++ 2S a", stochastic.sample_dpmpp_2s_a, "normal", "independent", takes_eta=True, second_order=True),
+    SamplerSpec("DPM++ SDE", stochastic.sample_dpmpp_sde, "normal", "brownian", takes_eta=True, second_order=True),
     SamplerSpec("UniPC", sample_unipc, "normal"),
     SamplerSpec("DDIM", sample_ddim, "ddim_uniform", "independent", takes_eta=True),  # noise only with eta > 0
     SamplerSpec("PLMS", sample_plms, "ddim_uniform"),

@@ -117,16 +117,16 @@ def test_nine_channel_unet_through_the_denoiser():
 
 
 def test_pipeline_stops_a_model_whose_conditioning_it_cannot_build(tmp_path, capsys):
-    """A 9-channel checkpoint loads (its U-Net is detected and built), and generating with it stops with
-    the family named, before any sampling."""
-    inpainting = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=9))
-    path = save_model(tiny_model(inpainting), tmp_path / "inpainting.safetensors")
+    """A 7-channel (upscaler) checkpoint loads (its U-Net is detected and built), and generating with it stops
+    with the family named, before any sampling. (Inpainting U-Nets generate: test_inpaint*.py.)"""
+    upscaler = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=7))
+    path = save_model(tiny_model(upscaler), tmp_path / "upscaler.safetensors")
     pipe = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
-    assert pipe.config.unet.in_channels == 9
-    with pytest.raises(UnsupportedModelError, match="an inpainting U-Net .* takes 9 input channels"):
+    assert pipe.config.unet.in_channels == 7
+    with pytest.raises(UnsupportedModelError, match="an upscaler U-Net .* takes 7 input channels"):
         pipe.txt2img("a red circle", steps=1, progress=False)
     from latentdiff.cli import main
     assert main(["info", str(path)]) == 0
-    assert "variant:     an inpainting U-Net" in capsys.readouterr().out
+    assert "variant:     an upscaler U-Net" in capsys.readouterr().out
     assert "InstructPix2Pix" in concat_family(8, 4)
     assert concat_family(6, 4) == "a U-Net with 2 extra input channels"

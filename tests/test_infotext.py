@@ -193,11 +193,13 @@ def test_an_old_combined_sampler_name_is_split():
     assert (fields["width"], fields["height"]) == (768, 512) and unhonoured == []
 
 
-def test_hires_fields_and_their_denoising_strength_are_named_not_replayed():
+def test_hires_fields_and_their_denoising_strength_are_replayed():
     fields, unhonoured = to_fields(parse_parameters(HIRES))
     assert fields["sampler"] == "Euler a" and fields["schedule"] is None  # Automatic
-    assert "strength" not in fields  # it was the second pass's
-    assert unhonoured == ["Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "TI hashes"]
+    assert fields["strength"] == 0.7  # the second pass's
+    assert (fields["enable_hr"], fields["hr_scale"], fields["hr_second_pass_steps"], fields["hr_upscaler"]) == \
+        (True, 2.0, 10, "Latent")
+    assert unhonoured == ["TI hashes"]
 
 
 def test_denoising_strength_without_hires_is_the_img2img_strength():
@@ -330,7 +332,9 @@ def mutate(text: str, rng: random.Random) -> str:
 
 FIELD_TYPES = {"prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "schedule": (str, type(None)),
                "cfg_scale": float, "seed": int, "width": int, "height": int, "clip_skip": int, "eta": float,
-               "strength": float}
+               "strength": float, "enable_hr": bool, "hr_scale": float, "hr_resize_x": int, "hr_resize_y": int,
+               "hr_upscaler": str, "hr_second_pass_steps": int, "hr_sampler_name": str, "hr_scheduler": str, "hr_prompt": str,
+               "hr_negative_prompt": str}
 
 
 def test_mutated_infotexts_give_fields_or_an_input_error_and_nothing_else():
@@ -486,13 +490,15 @@ def test_from_png_replays_a_foreign_infotext_and_names_what_it_cannot_honour_onc
                             "-o", tmp_path / "out"], capsys)
     assert status == 0 and err == []
     notes = [line for line in out if line.startswith("note:")]
-    assert notes == ["note: --from-png: not replayed (latentdiff cannot honour them): Hires upscale, Hires steps, "
-                     "Denoising strength, Lora hashes"]
+    assert notes == ["note: --from-png: not replayed (latentdiff cannot honour them): Lora hashes"]
     fields, _ = to_fields(parse_parameters(read_png_parameters(tmp_path / "out" / "7.png")))
     assert fields["schedule"] == "karras"  # split from the combined name, replayed
     assert (fields["prompt"], fields["negative_prompt"], fields["sampler"], fields["steps"]) == \
         ("a red circle", "blurry", "DPM++ 2M", 2)
     assert (fields["cfg_scale"], fields["seed"], fields["width"], fields["height"]) == (5.0, 7, 64, 64)
+    assert (fields["hr_scale"], fields["hr_second_pass_steps"], fields["strength"]) == (2.0, 4, 0.5)  # hires replayed
+    with Image.open(tmp_path / "out" / "7.png") as made:
+        assert made.size == (128, 128)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -55,7 +55,7 @@ def test_break_is_a_marker_only_as_an_uppercase_word():
 
 
 def test_prompt_editing_alternation_and_are_still_text():
-    """Not implemented yet: read as emphasis + text (README says so), never an error."""
+    """`parse` reads them as emphasis + text, never an error: prompt_schedule.py resolves them before it."""
     assert parse("[cat:dog:0.5]") == [("cat:dog:0.5", pytest.approx(1 / 1.1))]
     assert parse("[cat|dog]") == [("cat|dog", pytest.approx(1 / 1.1))]
     assert parse("a cat AND a dog") == [("a cat AND a dog", 1.0)]

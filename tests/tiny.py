@@ -4,6 +4,8 @@ The layout is SD's (8x VAE, two U-Net levels with cross-attention, CLIP text tow
 a 64x64 image is an 8x8 latent and a whole generation takes well under a second on one CPU thread.
 """
 
+import dataclasses
+
 import torch
 
 from latentdiff.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
@@ -28,8 +30,20 @@ SD2_V = ModelConfig(
     vae=_VAE, prediction="v", resolution=64)
 
 
+def with_inputs(config: ModelConfig, in_channels: int) -> ModelConfig:
+    """`config` with a U-Net of `in_channels` inputs: 8 is InstructPix2Pix's (latents + image latents)."""
+    return dataclasses.replace(config, name=f"{config.name}-{in_channels}ch",
+                               unet=dataclasses.replace(config.unet, in_channels=in_channels))
+
+
 def tiny_model(config: ModelConfig, seed: int = 0) -> StableDiffusion:
     """PyTorch's default initialisation, seeded: unlike all-N(0, 0.2) weights it keeps the decoded images
     away from saturation, so pixel comparisons see real gradations rather than mostly 0 and 255."""
     torch.manual_seed(seed)
     return StableDiffusion(config).eval().requires_grad_(False)
+
+
+def inpainting_config(config: ModelConfig) -> ModelConfig:
+    """The same tiny model with an inpainting U-Net: 9 inputs (latents, mask, masked-image latents)."""
+    return dataclasses.replace(config, name=config.name + "-inpainting",
+                               unet=dataclasses.replace(config.unet, in_channels=9))

@@ -34,8 +34,6 @@ DIFFUSERS_PIPELINES = {
     "StableDiffusionXLPipeline": "an SDXL model", "StableDiffusionXLImg2ImgPipeline": "an SDXL (refiner) model",
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model",
     "StableDiffusion3Pipeline": "an SD3 model (MMDiT transformer)", "FluxPipeline": "a Flux model",
-    "StableDiffusionInpaintPipeline": "an inpainting model",
-    "StableDiffusionInstructPix2PixPipeline": "an instruct-pix2pix model",
     "StableDiffusionDepth2ImgPipeline": "an SD 2.x depth-to-image model",
     "StableDiffusionUpscalePipeline": "the SD x4 upscaler",
     "StableUnCLIPPipeline": "an SD 2.x unCLIP model", "StableUnCLIPImg2ImgPipeline": "an SD 2.x unCLIP model",
@@ -66,8 +64,8 @@ def identify_single_file(sd: dict[str, torch.Tensor], where: str) -> str:
         if has(*prefixes):
             raise unsupported(where, what)
     family = "sd2" if has(OPENCLIP_TEXT) else "sd1" if has(CLIP_TEXT) else None
-    # Inpainting (9 input channels) and InstructPix2Pix (8) U-Nets load: the pipeline names them when asked to
-    # generate with them (conditioning.concat_family), since nothing builds their extra channels yet.
+    # Inpainting (9 input channels) and InstructPix2Pix (8) U-Nets load: the pipeline builds their conditioning
+    # (inpaint.py, instruct.py) and names the others when asked to generate with them (conditioning.concat_family).
     if has(UNET) and has(VAE) and family:
         return family
     raise CheckpointError(f"{where}: {_partial(keys, has)}")
