@@ -1,14 +1,16 @@
 """Merging a rank-128 LoRA into SD 1.5-size weights (random: only the time matters), side by side in one run:
-seconds to read and merge the file and to un-merge it, and the U-Net's time per step (CFG batch of 2) without
-and with the merge, in alternating blocks so that a busy machine slows both sides alike. The LoRA adapts every
-attention projection (q, k, v, out; self- and cross-attention), the transformers' proj_in / proj_out and every
-3x3 convolution of the U-Net's resnets (LoCon), plus the text encoder's attention. Prints medians and the
-ratio of the step times (a merge costs nothing per step: ~1.00x).
+seconds to read and merge the file and to un-merge it, then the U-Net's time per step (CFG batch of 2) without
+and with the merge: a plain copy of the U-Net beside the merged one, called in turn (ABBA), so that the load of
+a busy machine falls on both sides alike. The LoRA adapts every attention projection (q, k, v, out; self- and
+cross-attention), the transformers' proj_in / proj_out and every 3x3 convolution of the U-Net's resnets
+(LoCon), plus the text encoder's attention. Prints medians and the ratio of the step times (a merge costs
+nothing per step: ~1.00x). Needs memory for two U-Nets (~7 GiB in fp32).
 
-    OMP_NUM_THREADS=2 python tools/bench_lora.py --rounds 3 --steps 3
+    OMP_NUM_THREADS=2 python tools/bench_lora.py --rounds 3 --steps 8
 """
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -47,8 +49,8 @@ def write_lora(model: StableDiffusion, path: Path) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3, help="blocks of plain and merged steps, each with a merge")
-    p.add_argument("--steps", type=int, default=3, help="U-Net calls per block")
+    p.add_argument("--rounds", type=int, default=3, help="merges and un-merges timed")
+    p.add_argument("--steps", type=int, default=8, help="U-Net calls of each side")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (latent side / 8)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = p.parse_args(argv)
@@ -60,34 +62,42 @@ def main(argv=None) -> int:
     context = torch.randn(2, 77, 768).to(pipe.dtype)
     times = {"plain step": [], "merged step": [], "read + merge": [], "un-merge": []}
 
-    def steps(name):
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            model.unet(x, t, context)
-            times[name].append(time.perf_counter() - start)
+    def step(unet, name):
+        start = time.perf_counter()
+        unet(x, t, context)
+        times[name].append(time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         lora = Path(tmp) / "rank128.safetensors"
         layers = write_lora(model, lora)
-        model.unet(x, t, context)  # warm-up
         for _ in range(args.rounds):
-            steps("plain step")
             start = time.perf_counter()
             pipe.set_loras([(lora, 1.0)])
             times["read + merge"].append(time.perf_counter() - start)
-            steps("merged step")
             start = time.perf_counter()
             pipe.set_loras([])
             times["un-merge"].append(time.perf_counter() - start)
         size = lora.stat().st_size
+        # the step times: a plain copy of the U-Net beside the merged one, called in turn (ABBA), so that the
+        # machine's load, which drifts over minutes here, falls on both alike
+        plain = copy.deepcopy(model.unet)
+        pipe.set_loras([(lora, 1.0)])
+        sides = [(plain, "plain step"), (model.unet, "merged step")]
+        for unet, _ in sides:
+            unet(x, t, context)  # warm-up
+        for i in range(args.steps):
+            for unet, name in sides if i % 2 == 0 else sides[::-1]:
+                step(unet, name)
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, SD 1.5-size U-Net at "
           f"{args.size}x{args.size} (batch 2); LoRA rank {RANK}, {layers} layers, {size / 2**20:.0f} MiB fp16; "
-          f"{args.rounds} rounds x {args.steps} steps")
+          f"{args.rounds} merges, {args.steps} steps each side")
     for name, median in medians.items():
         print(f"{name:>13}: median {median:.2f} s  (min {min(times[name]):.2f}, max {max(times[name]):.2f}, "
               f"n={len(times[name])})")
-    print(f"ratio merged / plain step: {medians['merged step'] / medians['plain step']:.2f}x")
+    pairs = [m / p for p, m in zip(times["plain step"], times["merged step"])]  # adjacent calls
+    print(f"ratio merged / plain step: {medians['merged step'] / medians['plain step']:.2f}x of the medians, "
+          f"{statistics.median(pairs):.2f}x the median of the {len(pairs)} adjacent pairs' ratios")
     return 0
 
 
