@@ -28,8 +28,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings-dir", metavar="DIR",
                    help="a folder of textual-inversion embeddings (.pt/.bin/.safetensors, subfolders too): a file's "
                         "name without its extension, used as a word in a prompt, stands for it (default: none)")
-    p.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:WEIGHT]",
-                   help="a kohya/A1111 LoRA file merged into the model at WEIGHT (default 1); repeatable")
+    p.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH_OR_NAME[:WEIGHT]",
+                   help="a LoRA / LyCORIS file (or its name in --lora-dir) merged into the model at WEIGHT (default "
+                        "1); repeatable")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="the folder (subfolders too) where prompt tags <lora:NAME:WEIGHT> and --lora NAME find "
+                        "NAME.safetensors/.pt/.ckpt, as A1111's models/Lora (default: none)")
     p.add_argument("--config", help="preset to use instead of detecting the architecture (sd1, sd2-base, sd2-v)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (SD 2.x 768-v: v)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
@@ -239,11 +243,13 @@ def _pipeline(args, device=None):
         raise InputError(f"VAE not found: {args.vae} (pass --vae PATH)")
     if args.embeddings_dir and not Path(args.embeddings_dir).expanduser().is_dir():
         raise InputError(f"embeddings folder not found: {args.embeddings_dir} (pass --embeddings-dir DIR)")
+    if args.lora_dir and not Path(args.lora_dir).expanduser().is_dir():
+        raise InputError(f"LoRA folder not found: {args.lora_dir} (pass --lora-dir DIR)")
     for path, _ in args.lora:
-        if not Path(path).expanduser().is_file():
-            raise InputError(f"LoRA file not found: {path} (pass --lora PATH[:WEIGHT])")
+        if not Path(path).expanduser().is_file() and not args.lora_dir:
+            raise InputError(f"LoRA file not found: {path} (pass --lora PATH[:WEIGHT], or a name with --lora-dir)")
     return Pipeline.from_pretrained(args.model, config=args.config, prediction=args.prediction, vae=args.vae,
-                                    loras=[(Path(p).expanduser(), w) for p, w in args.lora],
+                                    loras=args.lora, lora_dir=args.lora_dir,
                                     device=args.device or device, dtype=args.dtype,
                                     vae_tiling=args.vae_tiling, attention_slice=args.attention_slice,
                                     compile=args.compile, offload=args.offload, threads=args.threads,

@@ -88,6 +88,12 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
             unhonoured.remove("TI hashes")
             value = parse_parameters(read_png_parameters(args.from_png)).params["TI hashes"]
             notes += ti_replay_notes(value, Path(args.embeddings_dir).expanduser())
+        if "Lora hashes" in unhonoured and getattr(args, "lora_dir", None):  # the prompt's tags load them
+            from .extra_networks import lora_replay_notes
+            from .infotext import parse_parameters, read_png_parameters
+            unhonoured.remove("Lora hashes")
+            info = parse_parameters(read_png_parameters(args.from_png))
+            notes += lora_replay_notes(info.params["Lora hashes"], info.prompt, Path(args.lora_dir).expanduser())
         if unhonoured:
             notes.append(f"--from-png: not replayed (latentdiff cannot honour them): {', '.join(unhonoured)}")
         origin = {name: f"--from-png {args.from_png}: {name}" for name in base} | origin

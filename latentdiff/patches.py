@@ -31,6 +31,11 @@ class Patched:
     def names(self) -> list[str]:
         return list(self._params)
 
+    @property
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The patched parameters' values before the patches (to read, not to change)."""
+        return dict(self._originals or {})
+
     def restore(self) -> None:
         if self._originals is None:
             raise LatentDiffError("these weight patches were already restored")

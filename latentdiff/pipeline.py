@@ -18,13 +18,14 @@ from .devices import DTYPE_NAMES, check_device, default_device_dtype, parse_dtyp
 from .diffedit import FIELD_NAMES as DIFFEDIT_FIELDS, DiffEditRequest, diffedit
 from .errors import FieldError, GenerationError, InputError, UnsupportedModelError
 from .formats.embeddings import load_embeddings_dir, ti_hashes
-from .formats.lora import lora_deltas, lora_hash
+from .extra_networks import find_lora, lora_files, negative_tag_notes, prompt_loras, resolve_lora, strip_tags
+from .formats.lora import Strength
 from .images import as_rgb_image, fit_to_multiple, pil_to_tensor, resize_to, tensor_to_pil
 from .infotext import from_fields, hash_list
 from .loader import load_model, model_hash, swap_vae, vae_name
+from .lora_merge import MergedLoras
 from .memory import keep_freed_memory
 from .model import StableDiffusion
-from .patches import apply_patches
 from .prompt_schedule import PromptPlan, ScheduledCFGDenoiser, ScheduledText
 from .prompts import count_chunks, encode_prompts, used_embeddings
 from .request import RANDOM_SEED, GenerationRequest, request_from_kwargs, resize_mode
@@ -71,16 +72,20 @@ class Pipeline:
     `threads`: intra-op CPU threads while generating; None: as many as there are idle cores, at most the
     process's setting, which is restored after each generation (threads.generation_threads);
     `embeddings_dir`: a folder of textual-inversion embeddings, read once; a file's name (its stem) used as a
-    word in a prompt stands for its vectors (formats/embeddings.py, prompts.py)."""
+    word in a prompt stands for its vectors (formats/embeddings.py, prompts.py);
+    `lora_dir`: the folder LoRA names are found in (prompt tags `<lora:name:0.8>`, set_loras, a request's `loras`;
+    extra_networks.py)."""
 
     def __init__(self, model: StableDiffusion, *, device=None, dtype=None, source: str | Path | None = None,
                  vae_tiling: str = "auto", attention_slice: int | None = None, compile: bool = False,
                  offload: bool = False, keep_freed_memory: bool = True, threads: int | None = None,
-                 vae_source: str | Path | None = None, embeddings_dir: str | Path | None = None):
+                 vae_source: str | Path | None = None, embeddings_dir: str | Path | None = None,
+                 lora_dir: str | Path | None = None):
         self.model = model
         self.embeddings = load_embeddings_dir(embeddings_dir, model.config.text) if embeddings_dir else {}
-        self.loras: list[tuple[Path, float, str]] = []  # merged LoRA files: (path, weight, A1111 short hash)
-        self._lora_patches = None  # their patches.Patched handle
+        self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
+        self.standing_loras: list[tuple[Path, Strength]] = []  # set_loras': merged for every generation
+        self._merged_loras = MergedLoras(model)
         self.vae_source = Path(vae_source) if vae_source else None  # a VAE file swapped in (loader.swap_vae)
         self.threads = threads if threads is None else check_threads(threads)
         self.keep_freed_memory = keep_freed_memory
@@ -109,16 +114,32 @@ class Pipeline:
         return pipe
 
     def set_loras(self, loras) -> None:
-        """Merge [(kohya LoRA file, weight)] into the weights, after restoring (bit for bit) the ones merged
-        before; `set_loras([])` removes them all. All files are read and checked before anything changes."""
-        deltas, used = {}, []
-        for path, weight in loras:
-            for name, delta in lora_deltas(path, self.model, weight).items():
-                deltas[name] = deltas[name] + delta if name in deltas else delta
-            used.append((Path(path), weight, lora_hash(path)))
-        if self._lora_patches is not None:
-            self._lora_patches.restore()
-        self._lora_patches, self.loras = (apply_patches(self.model, deltas) if deltas else None), used
+        """Merge [(LoRA file, or a name in lora_dir; strength)] into the weights for every generation (a request's
+        `loras` and prompt tags add to them); a strength is one number or (text encoder, U-Net). What was merged
+        before is restored bit for bit first; `set_loras([])` removes them all. All files are read and checked
+        before anything changes."""
+        standing = [(resolve_lora(path, self.lora_dir), strength) for path, strength in loras]
+        self._merged_loras.merge(standing)
+        self.standing_loras = standing
+
+    @property
+    def loras(self) -> list[tuple[Path, Strength, str]]:
+        """The LoRAs merged now: (path, strength, A1111 short hash)."""
+        return self._merged_loras.used
+
+    def _request_loras(self, request: GenerationRequest) -> list[str]:
+        """Merge what a request asks for: the standing LoRAs, its `loras` field and its prompt tags (the first
+        prompt's, as A1111). Returns notes on tags not applied."""
+        tags, notes = prompt_loras(request.prompts)
+        notes += negative_tag_notes(request.negative_prompts)
+        if tags and self.lora_dir is None:
+            raise FieldError("prompt", f"names the LoRA {tags[0].name!r} in a tag, and no LoRA folder is set to find "
+                                       f"it in: give the pipeline lora_dir= (the command line: --lora-dir DIR)")
+        files = lora_files(self.lora_dir) if tags else {}
+        wanted = [*self.standing_loras, *((resolve_lora(p, self.lora_dir), s) for p, s in request.loras),
+                  *((find_lora(tag.name, self.lora_dir, files), tag.strength) for tag in tags)]
+        self._merged_loras.merge(wanted)
+        return notes
 
     def to(self, *args, device=None, dtype=None) -> "Pipeline":
         """Like nn.Module.to: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cpu", "bf16")`."""
@@ -289,6 +310,7 @@ class Pipeline:
         early (the server's interrupt and skip); initial noise is drawn on `noise_device` (the CPU by default,
         so a seed gives the same image on any device)."""
         request, notes = self.prepare(request)
+        notes += self._request_loras(request)
         images, seeds, latents = [], [], []
         inpainting = inpaint.for_request(request, notes)  # None without a mask
         with generation_threads(self.threads):
@@ -330,7 +352,7 @@ class Pipeline:
                       **hires.infotext_fields(request, index))
         fields |= inpaint.infotext_fields(request)
         vae = {"VAE hash": self.vae_hash, "VAE": vae_name(self.vae_source)} if self.vae_source else {}
-        used = {id(e): e for text in (fields["prompt"], fields["negative_prompt"])
+        used = {id(e): e for text in (strip_tags(fields["prompt"]), fields["negative_prompt"])
                 for e in used_embeddings(text, self.embeddings)}
         ti = {"TI hashes": ti_hashes(used.values())} if used else {}
         return from_fields(fields, {"Model hash": self.model_hash,
@@ -361,7 +383,8 @@ class Pipeline:
         guided = instruct.needs_uncond(request.cfg_scale, request.image_cfg_scale)
         # the plan encodes the negative prompts when cfg_scale != 1; InstructPix2Pix's image guidance needs them too
         plan_cfg = request.cfg_scale if request.cfg_scale != 1.0 or not guided else 0.0
-        plan = PromptPlan.of(request.prompts, request.negative_prompts, request.steps * calls, plan_cfg,
+        prompts = [strip_tags(p) for p in request.prompts]  # extra-network tags are not words (A1111)
+        plan = PromptPlan.of(prompts, request.negative_prompts, request.steps * calls, plan_cfg,
                              hires_steps and hires_steps * calls)
         if plan.scheduled and request.image_cfg_scale is not None:
             raise FieldError("prompt", "uses prompt editing, alternation or AND, which InstructPix2Pix checkpoints "

@@ -54,7 +54,7 @@ class GenerationRequest:
     inpaint_full_res_padding: int = 32
     outpaint: str | dict | tuple | None = None  # (left, right, top, bottom) px, or "left:64,right:64"
     # room for the add-ons of later issues; each must stay empty until its feature lands
-    loras: tuple = ()
+    loras: tuple = ()  # ((LoRA file or name in the pipeline's LoRA folder, strength or (te, unet)), ...)
     embeddings: tuple = ()
     control: tuple = ()
     # the hires fix (hires.py), by A1111's API names; its denoising strength is `strength`
@@ -120,7 +120,8 @@ class GenerationRequest:
             raise FieldError("init_image", f"must be a PIL image or a file path, not {type(self.init_image).__name__}")
         check_hires_fields(self)
         check_inpaint_fields(self)
-        for name in ("loras", "embeddings", "control"):
+        _check_loras(self.loras)
+        for name in ("embeddings", "control"):
             if getattr(self, name):
                 raise FieldError(name, "is not supported yet; leave it out")
         return self
@@ -196,3 +197,18 @@ def _number(name: str, value, *, minimum: float | None = None) -> None:
     if minimum is not None and value < minimum:
         raise FieldError(name, f"must be >= {minimum}, not {value}")
 
+
+def _check_loras(loras) -> None:
+    """(file or name, strength) pairs; a strength is a number or (text encoder, U-Net) numbers."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(loras, (list, tuple)):
+        raise FieldError("loras", f"must be a list of (file or name, strength) pairs, not {loras!r}")
+    for entry in loras:
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))
+        strength = entry[1] if ok else None
+        if not ok or not (number(strength) or isinstance(strength, (list, tuple)) and len(strength) == 2
+                          and all(map(number, strength))):
+            raise FieldError("loras", f"entry {entry!r}: give (file or name, strength), the strength a number or "
+                                      f"(text encoder, U-Net) numbers, e.g. ('ink_style', 0.8)")

@@ -12,7 +12,7 @@ from tiny import SD1, SD2_V, tiny_model
 from latentdiff.checkpoint import read_state_dict
 from latentdiff.cli import _lora_arg
 from latentdiff.errors import CheckpointError
-from latentdiff.formats.lora import lora_deltas, lora_hash
+from latentdiff.formats.lora import layer_names, lora_deltas, lora_hash
 from latentdiff.loader import save_model
 from latentdiff.pipeline import Pipeline
 
@@ -89,6 +89,16 @@ def test_merge_matches_diffusers_fuse_lora(sd1, alpha, tmp_path):
                                                      local_files_only=True)
     plain = outputs(theirs.unet, theirs.text_encoder, diffusers=True)
     theirs.load_lora_weights(str(lora))
+    # the same adapters as diffusers writes them (peft names, alphas in the metadata): read as the kohya file
+    from peft.utils import get_peft_model_state_dict
+    adapter = theirs.get_active_adapters()[0]
+    layers = {f"{part}_lora_layers": get_peft_model_state_dict(getattr(theirs, part), adapter_name=adapter)
+              for part in ("unet", "text_encoder")}
+    configs = {f"{part}_lora_adapter_metadata": getattr(theirs, part).peft_config[adapter].to_dict()
+               for part in ("unet", "text_encoder")}
+    theirs.save_lora_weights(tmp_path / "peft", **layers, **configs)
+    peft_file = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+    assert next(iter(read_state_dict(peft_file))).startswith(("unet.", "text_encoder."))
     theirs.fuse_lora(lora_scale=weight)
     expected = outputs(theirs.unet, theirs.text_encoder, diffusers=True)
 
@@ -96,10 +106,13 @@ def test_merge_matches_diffusers_fuse_lora(sd1, alpha, tmp_path):
     before = outputs(model.unet, model.text_encoder, diffusers=False)
     pipe.set_loras([(lora, weight)])
     merged = outputs(model.unet, model.text_encoder, diffusers=False)
+    pipe.set_loras([(peft_file, weight)])
+    merged_peft = outputs(model.unet, model.text_encoder, diffusers=False)
     pipe.set_loras([])
     # fp32 on both sides; the merged weights differ by rounding only, activations within 1e-4
-    for ours, want, was in zip(merged, expected, plain):
+    for ours, ours_peft, want, was in zip(merged, merged_peft, expected, plain):
         assert (ours - want).abs().max() <= 1e-4
+        assert (ours_peft - want).abs().max() <= 1e-4
         assert (want - was).abs().max() > 1e-2  # the LoRA changed the output: the comparison means something
     for b, p in zip(before, plain):
         assert (b - p).abs().max() <= 1e-4
@@ -163,16 +176,37 @@ def test_files_that_do_not_fit_are_refused_before_anything_changes(sd1, tmp_path
     wide = tmp_path / "wide.safetensors"
     save_file({"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.zeros(4, 320, 3, 3),
                "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": torch.zeros(320, 4, 1, 1)}, str(wide))
-    with pytest.raises(CheckpointError, match=r"conv1'.*\(320, 4, 1, 1\).*\(4, 320, 3, 3\) does not fit .*\(64, 64, 3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"conv1': lora parts lora_down.weight \(4, 320, 3, 3\), lora_up.weight "
+                                              r"\(320, 4, 1, 1\) do not fit the model's weight \(64, 64, 3, 3\)"):
         pipe.set_loras([(wide, 1.0)])
-    tucker = tmp_path / "tucker.safetensors"
-    save_file({"lora_unet_mid_block_resnets_0_conv1.lora_mid.weight": torch.zeros(4, 4, 3, 3)}, str(tucker))
-    with pytest.raises(CheckpointError, match="lora_mid.*not supported yet"):
-        pipe.set_loras([(tucker, 1.0)])
-    diffusers_format = tmp_path / "pytorch_lora_weights.safetensors"
-    save_file({"unet.mid_block.resnets.0.conv1.lora_A.weight": torch.zeros(4, 64, 3, 3)}, str(diffusers_format))
-    with pytest.raises(CheckpointError, match="lora_A.*not a kohya LoRA key.*diffusers/PEFT.*not supported yet"):
-        pipe.set_loras([(diffusers_format, 1.0)])
+    oft = tmp_path / "oft.safetensors"
+    save_file({"lora_unet_mid_block_resnets_0_conv1.oft_blocks": torch.zeros(4, 16, 16)}, str(oft))
+    with pytest.raises(CheckpointError, match=r"oft\.safetensors: key .*oft_blocks' is not a LoRA/LyCORIS part "
+                                              r"\(LyCORIS OFT, not supported\)"):
+        pipe.set_loras([(oft, 1.0)])
+    half = tmp_path / "half.safetensors"  # a LoHa layer without its second pair
+    save_file({"lora_unet_mid_block_resnets_0_conv1.hada_w1_a": torch.zeros(64, 4),
+               "lora_unet_mid_block_resnets_0_conv1.hada_w1_b": torch.zeros(4, 576)}, str(half))
+    with pytest.raises(CheckpointError, match=r"layer 'lora_unet_mid_block_resnets_0_conv1': it is loha but lacks "
+                                              r"hada_w2_a, hada_w2_b"):
+        pipe.set_loras([(half, 1.0)])
+    bad_dora = tmp_path / "bad_dora.safetensors"
+    save_file({"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.zeros(4, 64, 3, 3),
+               "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": torch.zeros(64, 4, 1, 1),
+               "lora_unet_mid_block_resnets_0_conv1.dora_scale": torch.ones(1, 32, 1, 1)}, str(bad_dora))
+    with pytest.raises(CheckpointError, match=r"bad_dora.*conv1': dora_scale \(1, 32, 1, 1\) fits neither the "
+                                              r"weight's 64 output rows nor its 64 input columns"):
+        pipe.set_loras([(bad_dora, 1.0)])
+    nan = tmp_path / "nan.safetensors"
+    save_file({"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.full((4, 64, 3, 3), float("nan")),
+               "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": torch.zeros(64, 4, 1, 1)}, str(nan))
+    with pytest.raises(CheckpointError, match=r"nan\.safetensors: layer .*: lora_down.weight hold NaN or Inf"):
+        pipe.set_loras([(lora, 1.0), (nan, 1.0)])
+    wide_diffusers = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.mid_block.resnets.0.conv1.lora_A.weight": torch.zeros(4, 32, 3, 3),
+               "unet.mid_block.resnets.0.conv1.lora_B.weight": torch.zeros(64, 4, 1, 1)}, str(wide_diffusers))
+    with pytest.raises(CheckpointError, match=r"'unet\.mid_block\.resnets\.0\.conv1': lora parts .* do not fit"):
+        pipe.set_loras([(wide_diffusers, 1.0)])
     pickled = tmp_path / "code.pt"
     torch.save({"lora_unet_mid_block_resnets_0_conv1.alpha": Runs()}, pickled)
     with pytest.raises(CheckpointError, match="code"):
@@ -215,3 +249,78 @@ def test_cli_lora_flag_merges_and_records_the_file(sd1, tmp_path, capsys):
     assert main([*args, "--lora", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x")]) != 0
     assert "LoRA file not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_peft_dora_file_matches_peft_forward(sd1, tmp_path):
+    """A diffusers/peft file with DoRA (`lora_magnitude_vector`, one magnitude per output row), against the
+    peft-adapted diffusers U-Net it came from."""
+    pytest.importorskip("peft", reason="peft makes the reference (the `test` extra)")
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    model, folder, _ = sd1
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, use_dora=True, target_modules=["to_q", "to_v", "to_out.0", "conv1"])
+    unet.add_adapter(config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # peft starts at a zero delta and the weights' own norms: move both
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(p * (1 + 0.3 * torch.randn(p.shape, generator=gen)) if "magnitude" in name
+                        else torch.randn(p.shape, generator=gen) * 0.3)
+    x, t, context = randn(2, 4, 8, 8, seed=10), torch.tensor([500.0, 20.0]), randn(2, 5, 32, seed=11)
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=context).sample
+    path = tmp_path / "dora.safetensors"
+    save_file({f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}, str(path),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": ALPHA, "unet.r": RANK})})
+    pipe = Pipeline(model, device="cpu", dtype=torch.float32)
+    plain = model.unet(x, t, context)
+    pipe.set_loras([(path, 1.0)])
+    merged = model.unet(x, t, context)
+    pipe.set_loras([])
+    assert (merged - expected).abs().max() <= 1e-4 < (expected - plain).abs().max()  # fp32, as above
+
+
+def test_every_naming_of_a_layer_gives_the_same_delta(sd1, tmp_path):
+    """kohya's diffusers-path names, kohya names of the ldm path (as ComfyUI reads them), peft's lora_A/B,
+    diffusers' older lora.down/up, lora_linear_layer and attention-processor names: one LoRA, one delta."""
+    model, folder, lora = sd1
+    kohya = read_state_dict(lora)
+    want = lora_deltas(lora, model, 0.6)
+    names = layer_names(model)
+    # our parameter -> its diffusers module path ("unet.…" / "text_encoder.text_model.…") and its ldm-path kohya name
+    dotted = {param: name for name, param in names.items() if name.startswith(("unet.", "text_encoder.text_model."))}
+    ldm = {param: name for name, param in names.items() if name.startswith("lora_unet_")
+           and name != "lora_unet_" + dotted[param][len("unet."):].replace(".", "_")}
+
+    def renamed(style):
+        out = {}
+        for key, value in kohya.items():
+            layer, part = key.split(".", 1)
+            param = names[layer]
+            module = dotted[param]
+            if style == "ldm":
+                out[f"{ldm.get(param, layer)}.{part}"] = value
+                continue
+            suffix = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[part]
+            if suffix == "alpha":
+                out[f"{module}.alpha"] = value
+            elif style == "peft":
+                out[f"{module}.lora_{'A' if suffix == 'down' else 'B'}.weight"] = value
+            elif style == "processor" and module.startswith("unet.") and ".attn" in module:
+                head, proj = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[:-9], "to_out")
+                out[f"{head}.processor.{proj}_lora.{suffix}.weight"] = value
+            elif module.startswith("text_encoder."):
+                out[f"{module}.lora_linear_layer.{suffix}.weight"] = value
+            else:
+                out[f"{module}.lora.{suffix}.weight"] = value
+        return out
+
+    for style in ("ldm", "peft", "processor", "old"):
+        path = tmp_path / f"{style}.safetensors"
+        save_file(renamed(style), str(path))
+        got = lora_deltas(path, model, 0.6)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), style
