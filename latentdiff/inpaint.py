@@ -12,6 +12,7 @@ repaints it at the full image size and scales it back into place. Outpainting ex
 fill of the image's own colours and inpaints the new border.
 """
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .conditioning import Cond, concat_family
 from .errors import FieldError
 from .images import pil_to_tensor, resize_to
+from .prompt_schedule import ScheduledText
 
 # A1111's "Masked content" (inpainting_fill), in the order of its API numbers 0..3
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
@@ -305,8 +307,10 @@ def whole_image_conditioning(extra_args: dict, *, encode, size: tuple[int, int])
     return extra_args | {key: _with_concat(extra_args[key], concat) for key in ("cond", "uncond")}
 
 
-def _with_concat(cond: Cond | None, concat: torch.Tensor) -> Cond | None:
-    return None if cond is None else Cond(context=cond.context, concat=concat, y=cond.y, control=cond.control)
+def _with_concat(cond: Cond | ScheduledText | None, concat: torch.Tensor) -> Cond | ScheduledText | None:
+    if isinstance(cond, ScheduledText):  # prompt editing / AND: every part of every step gets them
+        return cond.with_parts(concat=concat)
+    return None if cond is None else dataclasses.replace(cond, concat=concat)
 
 
 def check_mask_size(mask: Image.Image, size: tuple[int, int], notes: list[str]) -> Image.Image:

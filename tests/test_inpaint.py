@@ -186,6 +186,18 @@ def test_an_inpainting_model_without_a_mask_repaints_everything():
     assert drawn.shape == (64, 64, 3) and drawn.std() > 1
 
 
+def test_an_inpainting_model_takes_scheduled_prompts():
+    """AND and prompt editing reach a 9-channel U-Net with its mask channels on every part: `a cat AND a cat`
+    at cfg 3 guides as `a cat` at cfg 6 (uncond + 2 * 3 * (cond - uncond))."""
+    model = Pipeline(tiny_model(inpainting_config(SD1)), device="cpu", dtype=torch.float32)
+    run = dict(RUN, mask=box_mask())
+    single = model.img2img(picture(), "a cat", cfg_scale=6.0, return_latents=True, **run)
+    double = model.img2img(picture(), "a cat AND a cat", cfg_scale=3.0, return_latents=True, **run)
+    assert torch.allclose(single.latents, double.latents, atol=1e-5)
+    edited = model.img2img(picture(), "[a cat:a dog:0.5]", return_latents=True, **run)
+    assert not torch.allclose(edited.latents, single.latents)
+
+
 def test_inpainting_options_on_a_model_that_cannot_use_them(tmp_path, capsys):
     pix2pix = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=8))
     other = Pipeline(tiny_model(pix2pix), device="cpu", dtype=torch.float32)
