@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--inpaint-strength", type=float, help=f"0..1: how much of the schedule the edit reruns "
                                                           f"(default: {d.inpaint_strength})", **flag)
     p.add_argument("--save-mask", metavar="PATH", help="also write the mask found (white = edited) to this new PNG")
-    p.add_argument("--from-png", metavar="PNG", help="take the DiffEdit options this PNG carries; flags given as well override them")
+    p.add_argument("--from-png", metavar="PNG",
+                   help="take the DiffEdit options this PNG carries; flags given as well override them")
     p.add_argument("-o", "--outdir", default="outputs", help="output folder, created; files are never overwritten "
                                                              "(default: outputs)")
     _add_model_flags(p)

@@ -60,27 +60,37 @@ class Layer:
         return self.param.startswith(UNET)
 
 
-def layer_names(model: StableDiffusion) -> dict[str, str]:
-    """Every name a LoRA file may give a layer of `model` -> our weight's parameter name."""
+def kohya_names(model: StableDiffusion) -> dict[str, str]:
+    """kohya's own name of each layer (the diffusers module path for the U-Net, transformers' for the text
+    encoder) -> our weight's parameter name: one name per weight, the names LoRA training writes."""
     names = {}
     for ldm, diffusers in unet_key_table(model.config.unet):
         if diffusers.endswith(".weight"):
-            module, ours = diffusers[: -len(".weight")], UNET + ldm
-            names["lora_unet_" + module.replace(".", "_")] = ours
-            names["lora_unet_" + ldm[: -len(".weight")].replace(".", "_")] = ours
-            names["unet." + module] = ours
+            names["lora_unet_" + diffusers[: -len(".weight")].replace(".", "_")] = UNET + ldm
+    for name, _ in model.text_encoder.named_parameters():
+        if name.startswith("transformer.text_model.") and name.endswith(".weight"):
+            module = name[len("transformer."): -len(".weight")]
+            names["lora_te_" + module.replace(".", "_")] = "cond_stage_model." + name
+    return names
+
+
+def layer_names(model: StableDiffusion) -> dict[str, str]:
+    """Every name a LoRA file may give a layer of `model` -> our weight's parameter name: kohya's, kohya's
+    spelling of the ldm path (ComfyUI reads those), diffusers / peft module paths, and text-encoder names
+    without `text_model.` (transformers 5 and LyCORIS 4 omit it)."""
+    names = kohya_names(model)
+    for ldm, diffusers in unet_key_table(model.config.unet):
+        if diffusers.endswith(".weight"):
+            names["lora_unet_" + ldm[: -len(".weight")].replace(".", "_")] = UNET + ldm
+            names["unet." + diffusers[: -len(".weight")]] = UNET + ldm
     for name, _ in model.text_encoder.named_parameters():
         if name.startswith("transformer.text_model.") and name.endswith(".weight"):
             module = name[len("transformer."): -len(".weight")]
             ours = "cond_stage_model." + name
-            for path in (module, module.removeprefix("text_model.")):  # transformers 5 (and LyCORIS 4) omit it
-                names["lora_te_" + path.replace(".", "_")] = names["text_encoder." + path] = ours
+            short = module.removeprefix("text_model.")
+            names["lora_te_" + short.replace(".", "_")] = ours
+            names["text_encoder." + module] = names["text_encoder." + short] = ours
     return names
-
-
-def kohya_names(model: StableDiffusion) -> dict[str, str]:
-    """kohya layer name -> our weight's parameter name (the `lora_unet_` / `lora_te_` part of layer_names)."""
-    return {k: v for k, v in layer_names(model).items() if k.startswith(("lora_unet_", "lora_te_"))}
 
 
 def read_lora(path, model: StableDiffusion) -> list[Layer]:
