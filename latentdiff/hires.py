@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import FieldError, InputError
+from .errors import FieldError
 from .prompt_schedule import ScheduledText
-from .sampling import canonical_sampler_name, sampler_spec
+from .sampling import canonical_sampler_name, field_sampler_spec, sampler_spec
 from .schedules import schedule_names
 
 # A1111's latent upscale modes: name -> (torch interpolation mode, antialias)
@@ -75,12 +75,7 @@ def check_fields(request) -> None:
                                    f"not {value!r}")
     upscaler_name(request.hr_upscaler)
     if request.hr_sampler_name is not None:
-        if not isinstance(request.hr_sampler_name, str):
-            raise FieldError("hr_sampler_name", f"must be a sampler name, not {request.hr_sampler_name!r}")
-        try:
-            spec, _ = sampler_spec(request.hr_sampler_name)
-        except InputError as e:
-            raise FieldError("hr_sampler_name", str(e)) from None
+        spec, _ = field_sampler_spec("hr_sampler_name", request.hr_sampler_name)
         if request.eta is not None and not spec.takes_eta:
             raise FieldError("hr_sampler_name", f"{request.hr_sampler_name!r} takes no eta, which this request "
                                                 f"sets: leave eta out or pick a sampler with a noise amount")

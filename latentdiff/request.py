@@ -15,7 +15,7 @@ from PIL import Image
 from .errors import FieldError, InputError
 from .hires import check_fields as check_hires_fields
 from .inpaint import check_fields as check_inpaint_fields
-from .sampling import sampler_spec
+from .sampling import field_sampler_spec
 from .schedules import schedule_names
 
 MIN_SIDE, MAX_SIDE = 64, 4096
@@ -130,12 +130,7 @@ class GenerationRequest:
     def sampler_spec(self):
         """(the sampler's registry record, the schedule to use: the schedule field, else a suffix of the
         sampler's name as in "DPM++ 2M Karras", else the sampler's own)."""
-        if not isinstance(self.sampler, str):
-            raise FieldError("sampler", f"must be a sampler name, not {self.sampler!r}")
-        try:
-            spec, schedule = sampler_spec(self.sampler)
-        except InputError as e:
-            raise FieldError("sampler", str(e)) from None
+        spec, schedule = field_sampler_spec("sampler", self.sampler)
         return spec, self.schedule or schedule
 
     def check_size(self, multiple: int, names: tuple[str, str] = ("width", "height")) -> None:

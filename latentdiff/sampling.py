@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling_stochastic as stochastic
-from .errors import InputError
+from .errors import FieldError, InputError
 from .schedules import schedule_names
 
 
@@ -312,6 +312,16 @@ def sampler_spec(typed: str) -> tuple[SamplerSpec, str]:
     """A name as users type it -> (its spec, the schedule to use: the suffix's, else the sampler's default)."""
     spec, schedule = _parse(typed)
     return spec, schedule or spec.default_schedule
+
+
+def field_sampler_spec(field: str, typed) -> tuple[SamplerSpec, str]:
+    """sampler_spec of a request field's value, with errors as FieldErrors naming the field."""
+    if not isinstance(typed, str):
+        raise FieldError(field, f"must be a sampler name, not {typed!r}")
+    try:
+        return sampler_spec(typed)
+    except InputError as e:
+        raise FieldError(field, str(e)) from None
 
 
 def resolve_sampler(typed: str) -> tuple[Callable, str]:
