@@ -393,12 +393,12 @@ def test_pipeline_draws_the_noise_the_spec_names(name, monkeypatch):
     """The pipeline reads a sampler's needs from its spec: no noise sampler for "none", the per-image
     generators' draws for "independent", those draws as a Brownian path for "brownian"."""
     import latentdiff.pipeline as pipeline_module
-    import latentdiff.request as request_module
+    import latentdiff.sampling as sampling_module
     from latentdiff.pipeline import Pipeline
     from tiny import SD1, tiny_model
 
     seen, brownian = [], []
-    resolve, make_brownian = request_module.sampler_spec, pipeline_module.brownian_noise_sampler
+    resolve, make_brownian = sampling_module.sampler_spec, pipeline_module.brownian_noise_sampler
 
     def spy(typed):
         spec, schedule = resolve(typed)
@@ -412,7 +412,7 @@ def test_pipeline_draws_the_noise_the_spec_names(name, monkeypatch):
         brownian.append(make_brownian(x, **kwargs))
         return brownian[-1]
 
-    monkeypatch.setattr(request_module, "sampler_spec", spy)
+    monkeypatch.setattr(sampling_module, "sampler_spec", spy)
     monkeypatch.setattr(pipeline_module, "brownian_noise_sampler", spy_brownian)
     Pipeline(tiny_model(SD1), device="cpu", dtype=torch.float32).txt2img("a", steps=2, sampler=name, seed=1,
                                                                          progress=False)
