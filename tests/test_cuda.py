@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import SD1, tiny_model
 
-import latentdiff.request as request_module
+import latentdiff.sampling as sampling_module
 from latentdiff.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; PyTorch sees none here")
@@ -52,7 +52,7 @@ def test_sampling_loop_never_waits_for_the_gpu(sampler, monkeypatch):
     """CUDA's sync debug mode turns every synchronising call (a .item(), a copy from pageable host
     memory, ...) into an error; it is on for the whole sampling loop, per-step noise and timesteps
     included, and off for the prompt encoding before it and the decode after it."""
-    resolve = request_module.sampler_spec
+    resolve = sampling_module.sampler_spec
 
     def strict(name):
         spec, schedule = resolve(name)
@@ -64,7 +64,7 @@ def test_sampling_loop_never_waits_for_the_gpu(sampler, monkeypatch):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return dataclasses.replace(spec, fn=sample_without_syncs), schedule
-    monkeypatch.setattr(request_module, "sampler_spec", strict)
+    monkeypatch.setattr(sampling_module, "sampler_spec", strict)
     result = Pipeline(tiny_model(SD1), device="cuda").txt2img(PROMPT, **{**FAST, "sampler": sampler})
     assert np.asarray(result.images[0]).std() > 0
 
