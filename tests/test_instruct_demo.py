@@ -91,3 +91,20 @@ def test_an_existing_output_is_never_overwritten(trained):
     with pytest.raises(InputError, match="already exists"):
         train_instruct(base, out, RECIPE, mixed_precision="no", cpu=True, progress=False)
     assert out.stat().st_size == size
+
+
+def test_the_committed_demo_model_follows_instructions_and_keeps_the_picture():
+    """weights/demo/instruct.safetensors on the first 3 held-out edits of tools/instruct_demo.py (the
+    evaluation stream, which training never draws): on 50 it followed 50/50 and kept the background 50/50
+    and the grid cell 49/50 (benchmarks/instruct-demo.md), so each of these 3 must do all three."""
+    from latentdiff.resources import REPOSITORY
+    from latentdiff.train.evaluate import EVAL_SEED
+
+    pipe = Pipeline(load_model(REPOSITORY / "weights/demo/instruct.safetensors"), device="cpu", dtype=torch.float32)
+    for i in range(3):
+        before, instruction, _, label, target = edit_triple(EVAL_SEED, i, 64)
+        edit = pipe.img2img(before, instruction, strength=1.0, steps=20, sampler="Euler a", cfg_scale=5.0,
+                            image_cfg_scale=1.5, seed=i, progress=False).images[0]
+        read = analyze(edit)
+        assert (read["color"], read["background"], read["position"]) == \
+            (target["color"], label["background"], label["position"]), (i, instruction, read)

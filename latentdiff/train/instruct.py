@@ -107,16 +107,16 @@ def encode_edits(model: StableDiffusion, *, seed: int, count: int, device, chunk
 
 @dataclass(frozen=True)
 class InstructRecipe:
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 2e-4
-    warmup: int = 50
-    edits: int = 2048  # edit triples encoded once and revisited every epoch
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 100
+    edits: int = 4096  # edit triples encoded once and revisited every epoch
     seed: int = 0  # the shapes stream the edits come from (the demo model's training stream)
     dropout: float = 0.05  # each of: instruction only, image only, both (the paper's 5 % / 5 % / 5 %)
     offset_noise: float = 0.4  # the demo model's (diffusion.py)
     snr_gamma: float = 5.0
-    ema_decay: float = 0.99
+    ema_decay: float = 0.995  # the demo model's
     log_every: int = 25
     checkpoint_every: int = 250
 
