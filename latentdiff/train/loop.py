@@ -26,7 +26,7 @@ from .ema import EMA
 from .shapes import image_to_tensor, make_sample
 from .state import has_state, load_state, save_state
 
-STAGES = ("vae", "text", "unet", "embedding", "lora", "dreambooth")  # new ones appended: indices seed steps
+STAGES = ("vae", "text", "unet", "embedding", "lora", "dreambooth", "instruct")  # new ones appended: indices seed steps
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,9 @@ HELD_OUT = frozenset({("star", "green"), ("heart", "blue"), ("circle", "purple")
 
 SPLITS = ("train", "heldout")
 
-# Contrasting twins of a sample (make_sample), hard negatives for the text encoder's contrastive batches.
-TWINS = ("shape", "swap")
+# Contrasting twins of a sample (make_sample), hard negatives for the text encoder's contrastive batches;
+# "color" (the shape recoloured) is the target of an InstructPix2Pix edit (train/instruct.py).
+TWINS = ("shape", "swap", "color")
 
 _SUPERSAMPLE = 4
 _MARGIN = 0.05  # gap between the shape and the image border, as a fraction of the side
@@ -190,9 +191,12 @@ def make_sample(seed: int, index: int, image_size: int = 64, split: str = "train
     center = (_place(col, extent / 2, rng), _place(row, extent / 2, rng))
     fill, back = _jitter_color(color, rng), _jitter_color(background, rng)
     if twin:
-        label = _twin_label(label, twin, split, np.random.default_rng([seed, SPLITS.index(split), index, 1]))
-        if label["color"] != color:
+        twin_rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+        label = _twin_label(label, twin, split, twin_rng)
+        if label["color"] == background:
             fill, back = back, fill
+        elif label["color"] != color:
+            fill = _jitter_color(label["color"], twin_rng)
     image = render(label["shape"], fill, back, center, extent, image_size)
     return image, make_caption(label, rng), label
 
@@ -200,8 +204,12 @@ def make_sample(seed: int, index: int, image_size: int = 64, split: str = "train
 def _twin_label(label: dict, twin: str, split: str, rng: np.random.Generator) -> dict:
     """"shape": another shape, drawn by `rng`; "swap": shape colour and background exchanged ("a white
     circle on red" for "a red circle on white"), or another shape where the split does not allow the
-    swapped pair. Both keep the (shape, colour) pair inside the split."""
+    swapped pair; "color": another colour for the shape, never the background's. All keep the (shape,
+    colour) pair inside the split."""
     allowed = set(_allowed_pairs(split))
+    if twin == "color":
+        colors = [c for c in COLORS if c not in (label["color"], label["background"]) and (label["shape"], c) in allowed]
+        return {**label, "color": str(rng.choice(colors))}
     if twin == "swap" and (label["shape"], label["background"]) in allowed:
         return {**label, "color": label["background"], "background": label["color"]}
     others = [s for s in SHAPES if s != label["shape"] and (s, label["color"]) in allowed]
