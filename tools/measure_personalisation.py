@@ -12,8 +12,8 @@ the concept is right when the shape is a star and its colour green; the backgrou
 baseline is the base model prompted in plain words ("a green star on a BG background"). DreamBooth runs with
 and without the prior-preservation loss, its prior on "a star" or on the base model's own training
 captions (OUT/class-prompts.txt, --class-prompts), and every DreamBooth model is scored on the
-evaluation's 100 seen prompts against the base model (train.evaluate). Results go to OUT/results.json; the table is printed.
-Re-running skips the runs and scores already in OUT.
+evaluation's 100 seen prompts against the base model (train.evaluate). Results go to OUT/results.json;
+the table is printed. Re-running skips the runs and scores already in OUT.
 """
 
 import argparse

@@ -43,8 +43,8 @@ def class_images(run: Run, prompts: tuple[str, ...], count: int, steps: int, cfg
         folder.mkdir(parents=True, exist_ok=True)
 
         def drawn(i: int) -> bool:
-            text = folder / f"{i:04d}.txt"
-            return (folder / f"{i:04d}.png").is_file() and text.is_file() and text.read_text() == prompts[i % len(prompts)]
+            image, text = folder / f"{i:04d}.png", folder / f"{i:04d}.txt"
+            return image.is_file() and text.is_file() and text.read_text() == prompts[i % len(prompts)]
 
         missing = [i for i in range(count) if not drawn(i)]
         if missing:
@@ -153,8 +153,8 @@ class DreamBooth:
                 return batch
             drawn = torch.randint(0, self.class_images, (count,), generator=generator)
             prior = noisy_sample_parts(class_latents, drawn, run.model, s.noise_offset, generator)
-            return {"index": batch["index"], "class_index": drawn, **{k: torch.cat([batch[k], prior[k].to(batch[k].device)])
-                                                for k in ("latents", "noise", "timesteps")}}
+            joined = {k: torch.cat([batch[k], prior[k].to(batch[k].device)]) for k in ("latents", "noise", "timesteps")}
+            return {"index": batch["index"], "class_index": drawn, **joined}
 
         return Stage(self.name, module, make_batch, stage_recipe(s))
 
