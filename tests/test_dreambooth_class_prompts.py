@@ -94,3 +94,19 @@ def test_cli_takes_a_class_prompts_file(setup, tmp_path, capsys):  # noqa: F811
                  "--token", "sks", "--class-word", "star", "--class-prompts", str(tmp_path / "none.txt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "none.txt: cannot read it" in err
+
+
+def test_with_the_text_encoder_trained_the_class_prompts_pass_through_it(setup, captured):  # noqa: F811
+    train_dreambooth(settings(setup, "db-prompts-text", "sks", lr=2e-3, steps=1), class_word="star",
+                     class_prompts=PROMPTS, class_images=2, train_text_encoder=True, save_dtype="fp32")
+    (stage,) = captured
+    module, run = stage.module, stage.module.run["run"]
+    batch = stage.make_batch(0, 0, 3, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, parts = module(batch)
+        prompts = [run.captions[i] for i in batch["index"].tolist()] + [PROMPTS[i % 2] for i in
+                                                                        batch["class_index"].tolist()]
+        context = encode_prompts(prompts, run.model.tokenizer, module.text_encoder, 1)
+        mse = denoising_mse(run.model.unet, batch, context, alphas_cumprod_for(run.model.config).float(),
+                            run.model.config.prediction)
+    assert float(parts["prior"]) == pytest.approx(float(mse[3:].mean()), rel=1e-5)  # fp32, the same calls
