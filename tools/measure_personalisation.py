@@ -69,6 +69,10 @@ RUNS = {
     "dreambooth-seen-600-w2": ("dreambooth", "gstar-db-seen-600-w2", "sks star",
                                ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
                                 "--class-images", "100", "--prior-weight", "2", "--steps", "600", "--lr", "2e-4"]),
+    # the identifier's meaning carried by the text encoder too, so the U-Net need move less
+    "dreambooth-seen-600-text": ("dreambooth", "gstar-db-seen-600-text", "sks star",
+                                 ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                                  "--class-images", "100", "--train-text-encoder", "--steps", "600", "--lr", "2e-4"]),
 }
 
 
