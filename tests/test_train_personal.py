@@ -181,7 +181,8 @@ def test_dreambooth_fits_the_instances_and_writes_a_checkpoint(setup, captured, 
                             save_dtype="fp32", diffusers_folder=folder)
     (stage,) = captured
     root = path.parent
-    assert sorted(p.name for p in (root / "db-training" / "class-images").iterdir()) == ["0000.png", "0001.png"]
+    assert sorted(p.name for p in (root / "db-training" / "class-images").iterdir()) == [
+        "0000.png", "0000.txt", "0001.png", "0001.txt"]  # each image with its prompt
     trained, base = load_model(path), load_model(setup[1])
     for part in ("vae", "text_encoder"):  # not trained
         for (name, a), b in zip(getattr(trained, part).state_dict().items(), getattr(base, part).state_dict().values()):

@@ -9,10 +9,11 @@ training never drew one. Five instance images come from the dataset's held-out s
 GNU time (wall clock from the command to the written file, peak RSS). Then 8 background colours x 10 seeds
 of "a [name] on a BG background" are generated with the result and read back by the procedural analyzer:
 the concept is right when the shape is a star and its colour green; the background when it is BG. The
-baseline is the base model prompted in plain words ("a green star on a BG background"). DreamBooth runs twice,
-with and without the prior-preservation loss, and both are scored on the evaluation's 100 seen prompts
-against the base model (train.evaluate). Results go to OUT/results.json; the table is printed.
-Re-running skips the runs and scores already in OUT.
+baseline is the base model prompted in plain words ("a green star on a BG background"). DreamBooth runs with
+and without the prior-preservation loss, its prior on "a star" or on the base model's own training
+captions (OUT/class-prompts.txt, --class-prompts), and every DreamBooth model is scored on the
+evaluation's 100 seen prompts against the base model (train.evaluate). Results go to OUT/results.json;
+the table is printed. Re-running skips the runs and scores already in OUT.
 """
 
 import argparse
@@ -35,6 +36,7 @@ from latentdiff.train.shapes import COLORS, make_sample
 SHAPE, COLOR = "star", "green"
 BACKGROUNDS = [c for c in COLORS if c != COLOR]  # 8
 SEEDS = range(10)
+CLASS_PROMPTS = "OUT/class-prompts.txt"  # in RUNS' arguments: written by class_prompts_file
 COMMON = ["--noise-offset", "0.4", "--batch-size", "5", "--log-every", "25", "--save-every", "100",
           "--no-progress", "--sample-prompt", "a [name] on a red background"]
 # (name, method, output stem, what [name] is in prompts, arguments). Learning rates and steps for this
@@ -57,6 +59,20 @@ RUNS = {
     "dreambooth-600-lr1e-4": ("dreambooth", "gstar-db-600-lr1e-4", "sks star",
                               ["--token", "sks", "--class-word", "star", "--class-images", "50", "--steps", "600",
                                "--lr", "1e-4"]),
+    # the prior over the base model's own training captions (every shape and colour), not one class
+    "dreambooth-seen": ("dreambooth", "gstar-db-seen", "sks star",
+                        ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                         "--class-images", "100", "--steps", "300", "--lr", "2e-4"]),
+    "dreambooth-seen-600": ("dreambooth", "gstar-db-seen-600", "sks star",
+                            ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                             "--class-images", "100", "--steps", "600", "--lr", "2e-4"]),
+    "dreambooth-seen-600-w2": ("dreambooth", "gstar-db-seen-600-w2", "sks star",
+                               ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                                "--class-images", "100", "--prior-weight", "2", "--steps", "600", "--lr", "2e-4"]),
+    # the identifier's meaning carried by the text encoder too, so the U-Net need move less
+    "dreambooth-seen-600-text": ("dreambooth", "gstar-db-seen-600-text", "sks star",
+                                 ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                                  "--class-images", "100", "--train-text-encoder", "--steps", "600", "--lr", "2e-4"]),
 }
 
 
@@ -74,6 +90,14 @@ def instance_folder(folder: Path, count: int = 5) -> Path:
                                              f"{label['background']} background\n")
         found += 1
     return folder
+
+
+def class_prompts_file(path: Path, count: int = 100) -> Path:
+    """The first `count` captions of the base model's training stream (seed 0, "train" split, as the
+    training drew them), one a line: a prior over every seen shape and colour, not only stars. The
+    evaluation's prompts are other labels (train.evaluate.EVAL_SEED)."""
+    path.write_text("".join(make_sample(0, i, 64, "train")[1] + "\n" for i in range(count)))
+    return path
 
 
 def prompt(concept: str, background: str) -> str:
@@ -145,6 +169,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = args.out
     images = instance_folder(out / "instances")
+    class_prompts = class_prompts_file(out / "class-prompts.txt")
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
@@ -158,7 +183,8 @@ def main(argv=None) -> int:
         entry = results.setdefault(name, {})
         if not output.exists():
             command = [sys.executable, "-m", "latentdiff.train", method, str(images), "-o", str(output),
-                       "--threads", str(args.threads), *COMMON, *extra]
+                       "--threads", str(args.threads), *COMMON,
+                       *(str(class_prompts) if a == CLASS_PROMPTS else a for a in extra)]
             entry["command"] = " ".join(command[1:])
             entry |= timed(command, out / f"{stem}.log")
             entry["bytes"] = output.stat().st_size

@@ -7,6 +7,11 @@ times `prior_weight`, so the model keeps drawing the class as it did while learn
 means the subject. The class images are kept in the run's work folder and reused on resume.
 prior_weight = 0 turns it off (plain fine-tuning, which drifts: benchmarks/personalisation.md).
 
+`class_prompts` widens the prior beyond the one class, as kohya's several regularisation folders do: class
+image i is drawn from class_prompts[i % len], and its prior loss is conditioned on that prompt. On the
+bundled model a one-class prior keeps its class but lets the instance's colour leak into every other
+shape; prompts naming the other shapes and colours hold them too (benchmarks/personalisation.md).
+
 Written as a whole single-file checkpoint (loader.save_model, `save_dtype`), optionally also a diffusers
 folder.
 """
@@ -29,30 +34,49 @@ from .shapes import image_to_tensor
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def class_images(run: Run, prompt: str, count: int, steps: int, cfg_scale: float) -> torch.Tensor:
-    """(count, 3, S, S) pictures of `prompt` by the base model: generated once into the work folder
-    (main process), read back from there (all processes)."""
+def class_images(run: Run, prompts: tuple[str, ...], count: int, steps: int, cfg_scale: float) -> torch.Tensor:
+    """(count, 3, S, S) pictures by the base model, picture i of prompts[i % len(prompts)], seed i:
+    generated once into the work folder (main process), read back from there (all processes). Each
+    picture's prompt is kept beside it (NNNN.txt), so a run with other prompts redraws what differs."""
     folder = run.work / "class-images"
     if run.accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        missing = [i for i in range(count) if not (folder / f"{i:04d}.png").is_file()]
+
+        def drawn(i: int) -> bool:
+            image, text = folder / f"{i:04d}.png", folder / f"{i:04d}.txt"
+            return image.is_file() and text.is_file() and text.read_text() == prompts[i % len(prompts)]
+
+        missing = [i for i in range(count) if not drawn(i)]
         if missing:
             pipeline = Pipeline(load_model(run.settings.base), device=run.accelerator.device, dtype=torch.float32)
             for i in missing:
+                prompt = prompts[i % len(prompts)]
                 image = pipeline.txt2img(prompt, seed=i, steps=steps, cfg_scale=cfg_scale, progress=False).images[0]
                 tmp = folder / f".{i:04d}.png.tmp"
                 image.save(tmp, format="PNG")
                 tmp.replace(folder / f"{i:04d}.png")  # a complete file or none, should the run be killed
+                (folder / f"{i:04d}.txt").write_text(prompt)  # written last: its presence means the image is done
             del pipeline
     run.accelerator.wait_for_everyone()
     return torch.stack([image_to_tensor(load_image(folder / f"{i:04d}.png")) for i in range(count)])
+
+
+def read_class_prompts(path: Path) -> tuple[str, ...]:
+    """The prompts of a --class-prompts file: one a line, blank lines skipped."""
+    try:
+        prompts = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"class prompts file {path}: cannot read it ({e}); give a UTF-8 text file, one prompt a line")
+    if not prompts:
+        raise InputError(f"class prompts file {path} holds no prompt; write one prompt a line")
+    return prompts
 
 
 class DreamBoothLoss(nn.Module):
     """Instance loss + prior_weight * class loss, in one U-Net call. The U-Net (and with train_text_encoder
     the text encoder) are submodules, trained; the autoencoder is not."""
 
-    def __init__(self, run: Run, class_prompt: str, class_latents: dict | None, prior_weight: float,
+    def __init__(self, run: Run, class_prompts: tuple[str, ...], class_latents: dict | None, prior_weight: float,
                  train_text_encoder: bool):
         super().__init__()
         self.unet = run.model.unet.requires_grad_(True)
@@ -61,21 +85,21 @@ class DreamBoothLoss(nn.Module):
             layers = run.model.text_encoder.transformer.text_model.encoder.layers
             layers[len(layers) + 1 + run.model.config.text.output_layer:].requires_grad_(False)
         self.run, self.class_latents = {"run": run}, class_latents
-        self.class_prompt, self.prior_weight = class_prompt, prior_weight
+        self.class_prompts, self.prior_weight = class_prompts, prior_weight
         self.alphas_cumprod = alphas_cumprod_for(run.model.config).float()
         if not train_text_encoder:
             with torch.no_grad():
-                self.context = run.encode(run.captions + [class_prompt])
+                self.context = run.encode(run.captions + list(class_prompts))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         run = self.run["run"]
         index, n = batch["index"], len(batch["index"])
+        # the prompt of each class image drawn: class image i is of class_prompts[i % len]
+        prompt_index = (batch["class_index"] % len(self.class_prompts)).tolist() if self.class_latents else []
         if self.text_encoder is None:
-            rows = index.tolist() + ([len(run.captions)] * n if self.class_latents else [])
-            context = self.context[rows]
+            context = self.context[index.tolist() + [len(run.captions) + i for i in prompt_index]]
         else:
-            prompts = [run.captions[i] for i in index.tolist()]
-            prompts += [self.class_prompt] * n if self.class_latents else []
+            prompts = [run.captions[i] for i in index.tolist()] + [self.class_prompts[i] for i in prompt_index]
             context = run.encode(prompts, text_encoder=self.text_encoder)
         mse = denoising_mse(self.unet, batch, context, self.alphas_cumprod, run.model.config.prediction)
         if not self.class_latents:
@@ -88,6 +112,7 @@ class DreamBoothLoss(nn.Module):
 class DreamBooth:
     class_word: str
     class_prompt: str | None = None  # default "a [class]"
+    class_prompts: tuple[str, ...] = ()  # several prompts instead of class_prompt, the class images shared out
     class_images: int = 100  # diffusers' train_dreambooth.py default (the paper: 200 per instance image)
     prior_weight: float = 1.0  # the paper's lambda and diffusers' default
     train_text_encoder: bool = False
@@ -104,20 +129,23 @@ class DreamBooth:
         if self.prior_weight < 0 or (self.prior_weight > 0 and self.class_images < 1):
             raise InputError(f"prior_weight={self.prior_weight}, class_images={self.class_images}: the weight must "
                              "be >= 0, and prior preservation needs at least one class image (or prior_weight 0)")
+        if self.class_prompts and (self.class_prompt is not None or not all(p.strip() for p in self.class_prompts)):
+            raise InputError("class_prompts: give either one class_prompt or several class_prompts, none of them "
+                             "empty")
         if self.diffusers_folder is not None and Path(self.diffusers_folder).exists():
             raise InputError(f"diffusers folder {self.diffusers_folder} already exists; choose a new path")
         return f"{settings.token} {self.class_word}"  # "a [identifier] [class]"
 
-    def prompt(self) -> str:
-        return self.class_prompt or f"a {self.class_word}"
+    def prompts(self) -> tuple[str, ...]:
+        return self.class_prompts or (self.class_prompt or f"a {self.class_word}",)
 
     def stage(self, run: Run) -> Stage:
         s = run.settings
         class_latents = None
         if self.prior_weight > 0:
-            images = class_images(run, self.prompt(), self.class_images, s.sample_steps, s.sample_cfg_scale)
+            images = class_images(run, self.prompts(), self.class_images, s.sample_steps, s.sample_cfg_scale)
             class_latents = encode_images(run.model, images, run.accelerator.device)
-        module = DreamBoothLoss(run, self.prompt(), class_latents, self.prior_weight, self.train_text_encoder)
+        module = DreamBoothLoss(run, self.prompts(), class_latents, self.prior_weight, self.train_text_encoder)
 
         def make_batch(step: int, first: int, count: int, generator: torch.Generator) -> dict:
             batch = run.draw(step, first, count, generator)
@@ -125,8 +153,8 @@ class DreamBooth:
                 return batch
             drawn = torch.randint(0, self.class_images, (count,), generator=generator)
             prior = noisy_sample_parts(class_latents, drawn, run.model, s.noise_offset, generator)
-            return {"index": batch["index"], **{k: torch.cat([batch[k], prior[k].to(batch[k].device)])
-                                                for k in ("latents", "noise", "timesteps")}}
+            joined = {k: torch.cat([batch[k], prior[k].to(batch[k].device)]) for k in ("latents", "noise", "timesteps")}
+            return {"index": batch["index"], "class_index": drawn, **joined}
 
         return Stage(self.name, module, make_batch, stage_recipe(s))
 
@@ -140,12 +168,13 @@ class DreamBooth:
         return Pipeline(load_model(run.settings.output), device=run.accelerator.device, dtype=torch.float32)
 
 
-def train_dreambooth(settings: Settings, *, class_word: str, class_prompt: str | None = None, class_images: int = 100,
-                     prior_weight: float = 1.0, train_text_encoder: bool = False, save_dtype: str = "fp16",
+def train_dreambooth(settings: Settings, *, class_word: str, class_prompt: str | None = None,
+                     class_prompts: tuple[str, ...] = (), class_images: int = 100, prior_weight: float = 1.0,
+                     train_text_encoder: bool = False, save_dtype: str = "fp16",
                      diffusers_folder: Path | None = None) -> Path:
-    method = DreamBooth(class_word, class_prompt, class_images, prior_weight, train_text_encoder, save_dtype,
-                        diffusers_folder)
-    details = {"class_word": class_word, "class_prompt": method.prompt(), "class_images": class_images,
+    method = DreamBooth(class_word, class_prompt, tuple(class_prompts), class_images, prior_weight, train_text_encoder,
+                        save_dtype, diffusers_folder)
+    details = {"class_word": class_word, "class_prompts": list(method.prompts()), "class_images": class_images,
                "prior_weight": prior_weight, "train_text_encoder": train_text_encoder, "save_dtype": save_dtype,
                "diffusers_folder": str(diffusers_folder) if diffusers_folder else None}
     return train_personal(method, settings, details)

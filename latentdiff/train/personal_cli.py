@@ -80,6 +80,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         else:
             p.add_argument("--class-word", required=True, help="the subject's class, e.g. dog, star")
             p.add_argument("--class-prompt", help="prompt of the class images (default: 'a CLASS')")
+            p.add_argument("--class-prompts", type=Path, metavar="FILE",
+                           help="several class prompts, one a line (kohya's several regularisation sets): the class "
+                                "images are shared out among them in turn (default: the one --class-prompt)")
             p.add_argument("--class-images", type=int, default=100, help="prior-preservation images (default: 100)")
             p.add_argument("--prior-weight", type=float, default=1.0,
                            help="weight of the prior-preservation loss; 0 = off (default: 1)")
@@ -108,8 +111,10 @@ def run(args) -> Path:
         from .lora import train_lora
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         return train_lora(settings, rank=args.rank, alpha=args.alpha, targets=targets)
-    from .dreambooth import train_dreambooth
+    from .dreambooth import read_class_prompts, train_dreambooth
+    class_prompts = read_class_prompts(args.class_prompts) if args.class_prompts else ()
     return train_dreambooth(settings, class_word=args.class_word, class_prompt=args.class_prompt,
+                            class_prompts=class_prompts,
                             class_images=args.class_images, prior_weight=args.prior_weight,
                             train_text_encoder=args.train_text_encoder, save_dtype=args.save_dtype,
                             diffusers_folder=args.diffusers_folder)
