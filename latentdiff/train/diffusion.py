@@ -71,9 +71,14 @@ class DiffusionLoss(nn.Module):
         t, noise = batch["timesteps"], batch["noise"]
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * batch["latents"] + (1 - abar).sqrt() * noise
-        per_sample = F.mse_loss(self.unet(noisy, t, batch["context"]).float(), noise, reduction="none").mean((1, 2, 3))
+        x = self.unet_input(noisy, batch)
+        per_sample = F.mse_loss(self.unet(x, t, batch["context"]).float(), noise, reduction="none").mean((1, 2, 3))
         loss = (min_snr_weights(abar.flatten(), self.snr_gamma) * per_sample).mean()
         return loss, {"mse": per_sample.mean().detach()}
+
+    def unet_input(self, noisy: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What the U-Net takes: the noisy latents (families with concatenated channels add theirs)."""
+        return noisy
 
 
 @torch.no_grad()

@@ -25,16 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from torch import nn
 
 from ..errors import InputError
 from ..instruct import EXTRA_CHANNELS, image_latents
 from ..loader import save_model
 from ..model import StableDiffusion
 from ..schedules import alphas_cumprod_for
-from .diffusion import epoch_order, min_snr_weights
+from .diffusion import DiffusionLoss, epoch_order
 from .ema import EMA
 from .loop import Stage, StageRecipe, run_stage
 from .personal import load_base, peak_memory_mb, work_folder
@@ -71,20 +69,11 @@ def widen(model: StableDiffusion) -> StableDiffusion:
     return wide.to(model.device)
 
 
-class InstructLoss(nn.Module):
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, snr_gamma: float):
-        super().__init__()
-        self.unet, self.snr_gamma = unet, snr_gamma
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+class InstructLoss(DiffusionLoss):
+    """The base model's objective with the input image's latents beside the noisy latents."""
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        t, noise = batch["timesteps"], batch["noise"]
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = abar.sqrt() * batch["latents"] + (1 - abar).sqrt() * noise
-        x = torch.cat([noisy, batch["image"]], dim=1)
-        per_sample = F.mse_loss(self.unet(x, t, batch["context"]).float(), noise, reduction="none").mean((1, 2, 3))
-        loss = (min_snr_weights(abar.flatten(), self.snr_gamma) * per_sample).mean()
-        return loss, {"mse": per_sample.mean().detach()}
+    def unet_input(self, noisy: torch.Tensor, batch: dict) -> torch.Tensor:
+        return torch.cat([noisy, batch["image"]], dim=1)
 
 
 @torch.no_grad()
