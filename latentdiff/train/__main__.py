@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from ..config import config_from_dict, preset
-from ..errors import InputError, LatentDiffError
+from ..errors import InputError
 from .personal_cli import METHODS
-from .personal_cli import main as personal_main
+from .personal_cli import main as personal_main, run_command
 from .recipe import Recipe, overrides_from_file, train, with_overrides
 
 
@@ -46,26 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in METHODS:  # `python -m latentdiff.train embedding|lora|dreambooth ...`: personal_cli.py
         return personal_main(argv, prog="python -m latentdiff.train")
     args = parse_args(argv)
-    try:
-        if args.config is not None:
-            if not args.config.is_file():
-                raise InputError(f"--config {args.config}: no such file; pass a JSON file of ModelConfig keys or use --preset")
-            config = config_from_dict(json.loads(args.config.read_text()), where=str(args.config))
-        else:
-            config = preset(args.preset)
-        from_file = overrides_from_file(args.recipe) if args.recipe else []
-        recipe = with_overrides(Recipe(), from_file + args.overrides)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        path = train(args.out, config, recipe, resume=args.resume, mixed_precision=args.mixed_precision,
-                     cpu=args.cpu, progress=not args.no_progress)
-    except LatentDiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if PartialState().is_main_process:  # under `accelerate launch`, one line, not one per process
-        print(f"wrote {path}")
-    return 0
+    return run_command(lambda: _train(args))
 
+
+def _train(args: argparse.Namespace) -> Path:
+    if args.config is not None:
+        if not args.config.is_file():
+            raise InputError(f"--config {args.config}: no such file; pass a JSON file of ModelConfig keys or "
+                             f"use --preset")
+        config = config_from_dict(json.loads(args.config.read_text()), where=str(args.config))
+    else:
+        config = preset(args.preset)
+    from_file = overrides_from_file(args.recipe) if args.recipe else []
+    recipe = with_overrides(Recipe(), from_file + args.overrides)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return train(args.out, config, recipe, resume=args.resume, mixed_precision=args.mixed_precision,
+                 cpu=args.cpu, progress=not args.no_progress)
 
 if __name__ == "__main__":
     sys.exit(main())

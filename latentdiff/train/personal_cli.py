@@ -126,11 +126,17 @@ def main(argv: list[str] | None = None, prog: str = "latentdiff train") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    return run_command(lambda: run(args))
+
+
+def run_command(work) -> int:
+    """A training command's end: `work()` writes a file and returns its path, printed once (under `accelerate
+    launch`, one line, not one per process); an error is one line and status 2."""
     try:
-        path = run(args)
+        path = work()
     except LatentDiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if PartialState().is_main_process:  # under `accelerate launch`, one line, not one per process
+    if PartialState().is_main_process:
         print(f"wrote {path}")
     return 0
