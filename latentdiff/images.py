@@ -179,6 +179,16 @@ _NO_HARD_LINKS = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, er
 _MAX_NUMBER = 99999
 
 
+def tile_grid(rows: list[list[Image.Image]], size: tuple[int, int], fill="white") -> Image.Image:
+    """The images in rows, each nearest-neighbour resized to `size` (width, height) so pixels stay sharp."""
+    w, h = size
+    grid = Image.new("RGB", (max(len(row) for row in rows) * w, len(rows) * h), fill)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.resize((w, h), Image.NEAREST), (c * w, r * h))
+    return grid
+
+
 def safe_stem(text: str) -> str:
     """A file-name stem made from free text (a prompt, a seed): one path component, never a path.
 

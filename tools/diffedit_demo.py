@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import PngImagePlugin
 
+from latentdiff.images import tile_grid
 from latentdiff.pipeline import Pipeline
 from latentdiff.train.analyze import analyze
 
@@ -50,11 +51,7 @@ def summary(rows: list[dict]) -> str:
 
 
 def write_grid(images, path: str, command: str) -> None:
-    side = 128
-    grid = Image.new("RGB", (3 * side, len(images) * side), "white")
-    for row, trio in enumerate(images):
-        for col, image in enumerate(trio):
-            grid.paste(image.resize((side, side), Image.NEAREST), (col * side, row * side))
+    grid = tile_grid(images, (128, 128))
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", f"columns: before (txt2img '{SOURCE}'), mask, after (DiffEdit -> '{TARGET}')\n"
                                 f"{command}")

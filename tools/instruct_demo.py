@@ -16,10 +16,10 @@ first four edits (a PNG carrying the command in its parameters).
 import argparse
 import time
 
-import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import PngImagePlugin
 
+from latentdiff.images import tile_grid
 from latentdiff.loader import load_model
 from latentdiff.pipeline import Pipeline
 from latentdiff.train.analyze import analyze
@@ -63,11 +63,7 @@ def summary(rows: list[dict]) -> str:
 
 
 def write_grid(images, path: str, parameters: str) -> None:
-    side = 128
-    grid = Image.new("RGB", (4 * side, len(images) * side), "white")
-    for row, tiles in enumerate(images):
-        for col, image in enumerate(tiles):
-            grid.paste(image.resize((side, side), Image.NEAREST), (col * side, row * side))
+    grid = tile_grid(images, (128, 128))
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     grid.save(path, pnginfo=info)
