@@ -6,6 +6,7 @@ chunk named `parameters`, where A1111, Forge, ComfyUI loaders and civitai look f
 
 import contextlib
 import errno
+import io
 import os
 import re
 import secrets
@@ -243,10 +244,17 @@ def save_png(image: Image.Image, outdir: str | os.PathLike, stem: str,
             os.unlink(temporary)
 
 
-def _write_temporary_png(image: Image.Image, outdir: Path, parameters: str | None) -> Path:
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The image as a PNG file, with A1111's `parameters` text chunk when given (iTXt when not Latin-1)."""
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _write_temporary_png(image: Image.Image, outdir: Path, parameters: str | None) -> Path:
     temporary = outdir / f".latentdiff-{secrets.token_hex(8)}.png.tmp"
     try:
         # Mode 0o666 lets the umask decide the final permissions, like any normally created file.
@@ -257,7 +265,7 @@ def _write_temporary_png(image: Image.Image, outdir: Path, parameters: str | Non
                          "folder") from None
     try:
         with os.fdopen(fd, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
+            file.write(png_bytes(image, parameters))
             file.flush()
             os.fsync(file.fileno())
     except BaseException:

@@ -15,11 +15,11 @@ import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..checkpoint import file_sha256
 from ..errors import FieldError, InputError, LatentDiffError
-from ..images import save_png
+from ..images import png_bytes, save_png
 from ..infotext import parse_parameters
 from ..sampling import sampler_names
 from . import checkpoints
@@ -87,14 +87,6 @@ def error_response(e: Exception) -> JSONResponse:
     # GenerationError (NaN images), a bad checkpoint, anything unforeseen: the job failed, the server carries on
     return JSONResponse({"error": type(e).__name__, "detail": str(e), "body": "", "errors": str(e)},
                         status_code=500)
-
-
-def png_with_infotext(image, infotext: str) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)  # iTXt when not Latin-1
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def create_app(config: ServerConfig, *, pipeline=None) -> FastAPI:
@@ -174,7 +166,7 @@ def create_app(config: ServerConfig, *, pipeline=None) -> FastAPI:
         if parsed.save_images:
             for image, seed, text in zip(result.images, result.seeds, infotexts):
                 save_png(image, config.outdir, str(seed), text)
-        images = [base64.b64encode(png_with_infotext(image, text)).decode("ascii")
+        images = [base64.b64encode(png_bytes(image, text)).decode("ascii")
                   for image, text in zip(result.images, infotexts)] if parsed.send_images else []
         info = info_json(result, parsed.request, infotexts, model_name=Path(checkpoint.name).stem,
                          model_hash=model_hash, ignored=parsed.ignored)

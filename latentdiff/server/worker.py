@@ -3,7 +3,6 @@ from a bounded queue; /interrupt and /skip reach the running job through its gen
 also feeds /progress (steps done, and a preview decoded when a client asks for one)."""
 
 import base64
-import io
 import logging
 import queue
 import threading
@@ -12,6 +11,7 @@ from concurrent.futures import Future
 from datetime import datetime
 
 from ..errors import LatentDiffError
+from ..images import png_bytes
 from ..pipeline import Interrupted
 
 log = logging.getLogger("latentdiff.server")
@@ -24,9 +24,7 @@ class QueueFull(Exception):
 
 
 def png_base64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 # a preview is decoded at most every this many steps (A1111's show_progress_every_n_steps default): a full
