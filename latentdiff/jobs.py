@@ -82,17 +82,18 @@ def command_jobs(args, mode: str) -> tuple[list[Job], list[str]]:
         origin["strength"] = "--denoising-strength"
     if args.from_png:
         base, unhonoured = _png_fields(args.from_png, mode)
-        if "TI hashes" in unhonoured and getattr(args, "embeddings_dir", None):  # honoured if found and equal
-            from .formats.embeddings import ti_replay_notes
+        # the add-on hashes are honoured with their folders: embeddings if found and equal, LoRAs by the tags
+        honoured = [key for key, folder in (("TI hashes", "embeddings_dir"), ("Lora hashes", "lora_dir"))
+                    if key in unhonoured and getattr(args, folder, None)]
+        if honoured:
             from .infotext import parse_parameters, read_png_parameters
-            unhonoured.remove("TI hashes")
-            value = parse_parameters(read_png_parameters(args.from_png)).params["TI hashes"]
-            notes += ti_replay_notes(value, Path(args.embeddings_dir).expanduser())
-        if "Lora hashes" in unhonoured and getattr(args, "lora_dir", None):  # the prompt's tags load them
-            from .extra_networks import lora_replay_notes
-            from .infotext import parse_parameters, read_png_parameters
-            unhonoured.remove("Lora hashes")
             info = parse_parameters(read_png_parameters(args.from_png))
+            unhonoured = [key for key in unhonoured if key not in honoured]
+        if "TI hashes" in honoured:
+            from .formats.embeddings import ti_replay_notes
+            notes += ti_replay_notes(info.params["TI hashes"], Path(args.embeddings_dir).expanduser())
+        if "Lora hashes" in honoured:
+            from .extra_networks import lora_replay_notes
             notes += lora_replay_notes(info.params["Lora hashes"], info.prompt, Path(args.lora_dir).expanduser())
         if unhonoured:
             notes.append(f"--from-png: not replayed (latentdiff cannot honour them): {', '.join(unhonoured)}")
