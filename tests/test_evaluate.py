@@ -48,6 +48,17 @@ def test_a_model_that_ignores_the_prompt_scores_low():
     assert scores["background"] <= 0.25  # grey is no named colour: at most the nearest one, by chance
 
 
+def test_first_seed_samples_the_same_prompts_with_other_seeds():
+    seeds = []
+    pipeline = FakePipeline("train", faithful=False)
+    txt2img = pipeline.txt2img
+    pipeline.txt2img = lambda caption, *, seed, **settings: seeds.append(seed) or txt2img(caption, seed=seed)
+    evaluate(pipeline, count=3, split="train", first_seed=1000)
+    evaluate(pipeline, count=3, split="train")
+    assert seeds == [1000, 1001, 1002, 0, 1, 2]
+    assert pipeline.captions[:3] == pipeline.captions[3:]  # the same labels, whatever the seeds
+
+
 class FakeAutoencoder:
     """The two pipeline methods the autoencoder evaluation uses: encode_image keeps the pixels as
     "latents" (blurred by `blur` pixels, as an autoencoder that loses outlines would), decode returns them."""

@@ -200,9 +200,12 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["embedding", "lora"])
+@pytest.mark.parametrize("method", ["embedding", "lora", "dreambooth"])
 def test_resumed_run_equals_uninterrupted(setup, monkeypatch, method):
-    train = {"embedding": lambda s: train_embedding(s, init_word="star"), "lora": train_lora}[method]
+    # DreamBooth with everything a resume must restore: the prior's class images and draws, the EMA, dropout
+    train = {"embedding": lambda s: train_embedding(s, init_word="star"), "lora": train_lora,
+             "dreambooth": lambda s: train_dreambooth(s, class_word="star", class_images=2, prior_batch=2,
+                                                      ema_decay=0.9, caption_dropout=0.3, save_dtype="fp32")}[method]
 
     def token(name):  # an embedding's token is its file name; a LoRA's is text in the captions: the same in both
         return name if method == "embedding" else "sks"

@@ -11,9 +11,10 @@ of "a [name] on a BG background" are generated with the result and read back by 
 the concept is right when the shape is a star and its colour green; the background when it is BG. The
 baseline is the base model prompted in plain words ("a green star on a BG background"). DreamBooth runs with
 and without the prior-preservation loss, its prior on "a star" or on the base model's own training
-captions (OUT/class-prompts.txt, --class-prompts), and every DreamBooth model is scored on the
-evaluation's 100 seen prompts against the base model (train.evaluate). Results go to OUT/results.json;
-the table is printed. Re-running skips the runs and scores already in OUT.
+captions (OUT/class-prompts*.txt, --class-prompts), and with the guards against drift (caption dropout,
+EMA, several class images a step). Every DreamBooth model in OUT is scored on the evaluation's 100 seen
+prompts against the base model (train.evaluate), with three sets of seeds (PRIOR_FIRST_SEEDS).
+Results go to OUT/results.json; the table is printed. Re-running skips the runs and scores already in OUT.
 """
 
 import argparse
@@ -36,7 +37,8 @@ from latentdiff.train.shapes import COLORS, make_sample
 SHAPE, COLOR = "star", "green"
 BACKGROUNDS = [c for c in COLORS if c != COLOR]  # 8
 SEEDS = range(10)
-CLASS_PROMPTS = "OUT/class-prompts.txt"  # in RUNS' arguments: written by class_prompts_file
+# in RUNS' arguments: files of the base model's first N training captions, written by class_prompts_file
+CLASS_PROMPTS = {"OUT/class-prompts.txt": 100, "OUT/class-prompts-500.txt": 500, "OUT/class-prompts-1000.txt": 1000}
 COMMON = ["--noise-offset", "0.4", "--batch-size", "5", "--log-every", "25", "--save-every", "100",
           "--no-progress", "--sample-prompt", "a [name] on a red background"]
 # (name, method, output stem, what [name] is in prompts, arguments). Learning rates and steps for this
@@ -61,19 +63,36 @@ RUNS = {
                                "--lr", "1e-4"]),
     # the prior over the base model's own training captions (every shape and colour), not one class
     "dreambooth-seen": ("dreambooth", "gstar-db-seen", "sks star",
-                        ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                        ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts.txt",
                          "--class-images", "100", "--steps", "300", "--lr", "2e-4"]),
     "dreambooth-seen-600": ("dreambooth", "gstar-db-seen-600", "sks star",
-                            ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                            ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts.txt",
                              "--class-images", "100", "--steps", "600", "--lr", "2e-4"]),
     "dreambooth-seen-600-w2": ("dreambooth", "gstar-db-seen-600-w2", "sks star",
-                               ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                               ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts.txt",
                                 "--class-images", "100", "--prior-weight", "2", "--steps", "600", "--lr", "2e-4"]),
     # the identifier's meaning carried by the text encoder too, so the U-Net need move less
     "dreambooth-seen-600-text": ("dreambooth", "gstar-db-seen-600-text", "sks star",
-                                 ["--token", "sks", "--class-word", "star", "--class-prompts", CLASS_PROMPTS,
+                                 ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts.txt",
                                   "--class-images", "100", "--train-text-encoder", "--steps", "600", "--lr", "2e-4"]),
+    # the base model's own guards against drift (caption dropout, the weights' moving average), a prior over
+    # 500 training captions at half weight, 900 steps; twice, with two training seeds
+    **{name: ("dreambooth", stem, "sks star",
+              ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts-500.txt",
+               "--class-images", "500", "--prior-weight", "0.5", "--caption-dropout", "0.1", "--ema-decay", "0.99",
+               "--steps", "900", "--lr", "2e-4", "--seed", seed])
+       for name, stem, seed in (("dreambooth-guarded", "gstar-db-guarded", "0"),
+                                ("dreambooth-guarded-seed1", "gstar-db-guarded-seed1", "1"))},
+    # the same with three class images a step (a steadier prior), which learns the star faster: 600 steps
+    **{name: ("dreambooth", stem, "sks star",
+              ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts-500.txt",
+               "--class-images", "500", "--prior-weight", "0.5", "--prior-batch", "3", "--caption-dropout", "0.1",
+               "--ema-decay", "0.99", "--steps", "600", "--lr", "2e-4", "--seed", seed])
+       for name, stem, seed in (("dreambooth-guarded-pb3", "gstar-db-guarded-pb3", "0"),
+                                ("dreambooth-guarded-pb3-seed1", "gstar-db-guarded-pb3-seed1", "1"))},
 }
+# the seen prompts are scored with seeds 0-99 and, where the model is at hand, two more samples of them
+PRIOR_FIRST_SEEDS = (0, 1000, 2000)
 
 
 def instance_folder(folder: Path, count: int = 5) -> Path:
@@ -169,7 +188,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = args.out
     images = instance_folder(out / "instances")
-    class_prompts = class_prompts_file(out / "class-prompts.txt")
+    class_prompts = {placeholder: str(class_prompts_file(out / Path(placeholder).name, count))
+                     for placeholder, count in CLASS_PROMPTS.items()}
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
@@ -184,7 +204,7 @@ def main(argv=None) -> int:
         if not output.exists():
             command = [sys.executable, "-m", "latentdiff.train", method, str(images), "-o", str(output),
                        "--threads", str(args.threads), *COMMON,
-                       *(str(class_prompts) if a == CLASS_PROMPTS else a for a in extra)]
+                       *(class_prompts.get(a, a) for a in extra)]
             entry["command"] = " ".join(command[1:])
             entry |= timed(command, out / f"{stem}.log")
             entry["bytes"] = output.stat().st_size
@@ -207,14 +227,18 @@ def main(argv=None) -> int:
     if "prior" in wanted:
         prior = results.setdefault("prior", {})
         for name in ("baseline", *(n for n in RUNS if RUNS[n][0] == "dreambooth")):
-            if name not in prior and (name == "baseline" or (out / f"{RUNS[name][1]}.safetensors").exists()):
-                scores = evaluate(pipeline_for(name, out), count=100, split="train")
-                prior[name] = {k: scores[k] for k in ("n", "background", "color", "shape", "position")}
-                save()
-            if name in prior:
-                p = prior[name]
-                print(f"seen prompts, {name}: background {p['background']:.0%} colour {p['color']:.0%} "
-                      f"shape {p['shape']:.0%} position {p['position']:.0%}")
+            if name == "baseline" or (out / f"{RUNS[name][1]}.safetensors").exists():
+                for first_seed in PRIOR_FIRST_SEEDS:
+                    key = name if first_seed == 0 else f"{name}@{first_seed}"
+                    if key not in prior:
+                        scores = evaluate(pipeline_for(name, out), count=100, split="train", first_seed=first_seed)
+                        prior[key] = {k: scores[k] for k in ("n", "background", "color", "shape", "position")}
+                        save()
+            samples = [prior[k] for k in (name, *(f"{name}@{f}" for f in PRIOR_FIRST_SEEDS[1:])) if k in prior]
+            if samples:
+                mean = {a: sum(p[a] for p in samples) / len(samples) for a in ("background", "color", "shape")}
+                print(f"seen prompts, {name} ({100 * len(samples)} images): background {mean['background']:.1%} "
+                      f"colour {mean['color']:.1%} shape {mean['shape']:.1%}")
     return 0
 
 

@@ -2,15 +2,21 @@
 images captioned "a [identifier] [class]", with the class-specific prior-preservation loss.
 
 Prior preservation: before training, the base model draws `class_images` pictures of the class prompt
-("a [class]"), seeds 0, 1, ...; every step adds, for each instance sample, one class image's denoising loss
-times `prior_weight`, so the model keeps drawing the class as it did while learning that the identifier
-means the subject. The class images are kept in the run's work folder and reused on resume.
-prior_weight = 0 turns it off (plain fine-tuning, which drifts: benchmarks/personalisation.md).
+("a [class]"), seeds 0, 1, ...; every step adds, for each instance sample, `prior_batch` class images'
+mean denoising loss times `prior_weight`, so the model keeps drawing the class as it did while learning
+that the identifier means the subject (more class images a step: a steadier pull, not a stronger one).
+The class images are kept in the run's work folder and reused on resume. prior_weight = 0 turns it off
+(plain fine-tuning, which drifts: benchmarks/personalisation.md).
 
 `class_prompts` widens the prior beyond the one class, as kohya's several regularisation folders do: class
 image i is drawn from class_prompts[i % len], and its prior loss is conditioned on that prompt. On the
 bundled model a one-class prior keeps its class but lets the instance's colour leak into every other
 shape; prompts naming the other shapes and colours hold them too (benchmarks/personalisation.md).
+
+Two guards against drift that the base model's own training used (train/diffusion.py): `caption_dropout`
+trains that share of samples on the empty prompt, which classifier-free guidance subtracts from every
+prompt's prediction (left untrained, it drifts and guidance multiplies the drift); `ema_decay` writes the
+moving average of the weights rather than the last step's, whose step-to-step noise shows as wrong shapes.
 
 Written as a whole single-file checkpoint (loader.save_model, `save_dtype`), optionally also a diffusers
 folder.
@@ -27,6 +33,7 @@ from ..images import load_image
 from ..loader import load_model, save_model
 from ..pipeline import Pipeline
 from ..schedules import alphas_cumprod_for
+from .ema import EMA
 from .loop import Stage
 from .personal import Run, Settings, denoising_mse, encode_images, noisy_sample_parts, stage_recipe, train_personal
 from .shapes import image_to_tensor
@@ -89,18 +96,20 @@ class DreamBoothLoss(nn.Module):
         self.alphas_cumprod = alphas_cumprod_for(run.model.config).float()
         if not train_text_encoder:
             with torch.no_grad():
-                self.context = run.encode(run.captions + list(class_prompts))
+                self.context = run.encode(run.captions + list(class_prompts) + [""])  # the last: dropped captions
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         run = self.run["run"]
         index, n = batch["index"], len(batch["index"])
         # the prompt of each class image drawn: class image i is of class_prompts[i % len]
         prompt_index = (batch["class_index"] % len(self.class_prompts)).tolist() if self.class_latents else []
+        dropped = batch["dropped"].tolist() if "dropped" in batch else [False] * (n + len(prompt_index))
         if self.text_encoder is None:
-            context = self.context[index.tolist() + [len(run.captions) + i for i in prompt_index]]
+            rows = index.tolist() + [len(run.captions) + i for i in prompt_index]
+            context = self.context[[-1 if d else r for r, d in zip(rows, dropped)]]
         else:
             prompts = [run.captions[i] for i in index.tolist()] + [self.class_prompts[i] for i in prompt_index]
-            context = run.encode(prompts, text_encoder=self.text_encoder)
+            context = run.encode(["" if d else p for p, d in zip(prompts, dropped)], text_encoder=self.text_encoder)
         mse = denoising_mse(self.unet, batch, context, self.alphas_cumprod, run.model.config.prediction)
         if not self.class_latents:
             return mse.mean(), {}
@@ -118,6 +127,9 @@ class DreamBooth:
     train_text_encoder: bool = False
     save_dtype: str = "fp16"
     diffusers_folder: Path | None = None
+    caption_dropout: float = 0.0  # kohya's --caption_dropout_rate: this share of samples trains the empty prompt
+    ema_decay: float = 0.0  # 0: write the last weights; else their moving average (train.ema.EMA)
+    prior_batch: int = 1  # class images drawn per instance sample each step
     name = "dreambooth"
     require_token = True
 
@@ -132,6 +144,12 @@ class DreamBooth:
         if self.class_prompts and (self.class_prompt is not None or not all(p.strip() for p in self.class_prompts)):
             raise InputError("class_prompts: give either one class_prompt or several class_prompts, none of them "
                              "empty")
+        if self.prior_batch < 1:
+            raise InputError(f"prior_batch={self.prior_batch}: give at least 1 class image per instance image")
+        if not 0 <= self.caption_dropout < 1:
+            raise InputError(f"caption_dropout={self.caption_dropout}: give a share in [0, 1), e.g. 0.1")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"ema_decay={self.ema_decay}: give 0 (off) or a decay below 1, e.g. 0.99")
         if self.diffusers_folder is not None and Path(self.diffusers_folder).exists():
             raise InputError(f"diffusers folder {self.diffusers_folder} already exists; choose a new path")
         return f"{settings.token} {self.class_word}"  # "a [identifier] [class]"
@@ -149,16 +167,22 @@ class DreamBooth:
 
         def make_batch(step: int, first: int, count: int, generator: torch.Generator) -> dict:
             batch = run.draw(step, first, count, generator)
-            if class_latents is None:
-                return batch
-            drawn = torch.randint(0, self.class_images, (count,), generator=generator)
-            prior = noisy_sample_parts(class_latents, drawn, run.model, s.noise_offset, generator)
-            joined = {k: torch.cat([batch[k], prior[k].to(batch[k].device)]) for k in ("latents", "noise", "timesteps")}
-            return {"index": batch["index"], "class_index": drawn, **joined}
+            if class_latents is not None:
+                drawn = torch.randint(0, self.class_images, (count * self.prior_batch,), generator=generator)
+                prior = noisy_sample_parts(class_latents, drawn, run.model, s.noise_offset, generator)
+                joined = {k: torch.cat([batch[k], prior[k].to(batch[k].device)])
+                          for k in ("latents", "noise", "timesteps")}
+                batch = {"index": batch["index"], "class_index": drawn, **joined}
+            if self.caption_dropout:
+                batch["dropped"] = torch.rand(len(batch["latents"]), generator=generator) < self.caption_dropout
+            return batch
 
-        return Stage(self.name, module, make_batch, stage_recipe(s))
+        ema = EMA(module, self.ema_decay) if self.ema_decay else None
+        return Stage(self.name, module, make_batch, stage_recipe(s), ema=ema)
 
     def write(self, run: Run, stage: Stage) -> Path:
+        if stage.ema is not None:
+            stage.ema.copy_to(stage.module)
         model = run.model.cpu().requires_grad_(False)
         if self.diffusers_folder is not None:
             save_model(model, self.diffusers_folder)
@@ -171,10 +195,12 @@ class DreamBooth:
 def train_dreambooth(settings: Settings, *, class_word: str, class_prompt: str | None = None,
                      class_prompts: tuple[str, ...] = (), class_images: int = 100, prior_weight: float = 1.0,
                      train_text_encoder: bool = False, save_dtype: str = "fp16",
-                     diffusers_folder: Path | None = None) -> Path:
+                     diffusers_folder: Path | None = None, caption_dropout: float = 0.0,
+                     ema_decay: float = 0.0, prior_batch: int = 1) -> Path:
     method = DreamBooth(class_word, class_prompt, tuple(class_prompts), class_images, prior_weight, train_text_encoder,
-                        save_dtype, diffusers_folder)
+                        save_dtype, diffusers_folder, caption_dropout, ema_decay, prior_batch)
     details = {"class_word": class_word, "class_prompts": list(method.prompts()), "class_images": class_images,
                "prior_weight": prior_weight, "train_text_encoder": train_text_encoder, "save_dtype": save_dtype,
-               "diffusers_folder": str(diffusers_folder) if diffusers_folder else None}
+               "diffusers_folder": str(diffusers_folder) if diffusers_folder else None,
+               "caption_dropout": caption_dropout, "ema_decay": ema_decay, "prior_batch": prior_batch}
     return train_personal(method, settings, details)

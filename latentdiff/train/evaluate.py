@@ -45,8 +45,9 @@ def full_caption(label: dict) -> str:
 
 
 def evaluate(pipeline: Pipeline, *, count: int, split: str, steps: int = 20, sampler: str = "Euler a",
-             cfg_scale: float = 7.0, autoencoder: bool = False) -> dict:
-    """{"n", <attribute>: fraction correct, "items": [{caption, label, seen, correct}]} over `count` labels.
+             cfg_scale: float = 7.0, autoencoder: bool = False, first_seed: int = 0) -> dict:
+    """{"n", <attribute>: fraction correct, "items": [{caption, label, seen, correct}]} over `count` labels,
+    item i generated with seed first_seed + i (another first_seed: another sample of the same prompts).
 
     The images are generated from the captions, or with `autoencoder` the labels' renderings passed
     through the autoencoder (one posterior sample, seeded by the item's index, then decoded)."""
@@ -57,7 +58,7 @@ def evaluate(pipeline: Pipeline, *, count: int, split: str, steps: int = 20, sam
         if autoencoder:
             image = pipeline.decode(pipeline.encode_image(rendering, [torch.Generator().manual_seed(i)]))[0][0]
         else:
-            image = pipeline.txt2img(caption, seed=i, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+            image = pipeline.txt2img(caption, seed=first_seed + i, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                                      progress=False).images[0]
         seen = analyze(image)
         items.append({"caption": caption, "label": label, "seen": seen, "correct": score(label, seen)})

@@ -86,7 +86,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
             p.add_argument("--class-images", type=int, default=100, help="prior-preservation images (default: 100)")
             p.add_argument("--prior-weight", type=float, default=1.0,
                            help="weight of the prior-preservation loss; 0 = off (default: 1)")
+            p.add_argument("--prior-batch", type=int, default=1,
+                           help="class images per instance image in each step (default: 1)")
             p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
+            p.add_argument("--caption-dropout", type=float, default=0.0,
+                           help="share of samples trained on the empty prompt, which classifier-free guidance "
+                                "subtracts (default: 0)")
+            p.add_argument("--ema-decay", type=float, default=0.0,
+                           help="write the moving average of the weights at this decay, e.g. 0.99 (default: 0, off)")
             p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                            help="dtype of the written checkpoint (default: fp16)")
             p.add_argument("--diffusers-folder", type=Path, help="also write the model as a new diffusers folder")
@@ -117,7 +124,8 @@ def run(args) -> Path:
                             class_prompts=class_prompts,
                             class_images=args.class_images, prior_weight=args.prior_weight,
                             train_text_encoder=args.train_text_encoder, save_dtype=args.save_dtype,
-                            diffusers_folder=args.diffusers_folder)
+                            diffusers_folder=args.diffusers_folder, caption_dropout=args.caption_dropout,
+                            ema_decay=args.ema_decay, prior_batch=args.prior_batch)
 
 
 def main(argv: list[str] | None = None, prog: str = "latentdiff train") -> int:
