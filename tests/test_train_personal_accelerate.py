@@ -47,7 +47,7 @@ def test_two_process_run_writes_a_result_that_loads(setup, method):  # noqa: F81
     else:
         assert sorted(p.name for p in (work / "class-images").iterdir()) == [
             "0000.png", "0000.txt", "0001.png", "0001.txt"]
-        trained = load_model(out)
+        trained, before = load_model(out), base_model.unet.state_dict()
         changed = [name for name, p in trained.unet.state_dict().items()
-                   if not torch.equal(p.float(), base_model.unet.state_dict()[name].half().float())]
+                   if not torch.equal(p.float(), before[name].half().float())]
         assert changed  # the U-Net was trained

@@ -41,6 +41,19 @@ SEEDS = range(10)
 CLASS_PROMPTS = {"OUT/class-prompts.txt": 100, "OUT/class-prompts-500.txt": 500, "OUT/class-prompts-1000.txt": 1000}
 COMMON = ["--noise-offset", "0.4", "--batch-size", "5", "--log-every", "25", "--save-every", "100",
           "--no-progress", "--sample-prompt", "a [name] on a red background"]
+
+
+def guarded(key: str, steps: int, *extra: str) -> dict:
+    """Two RUNS entries, dreambooth-KEY and dreambooth-KEY-seed1: the guarded DreamBooth setting trained with
+    seeds 0 and 1, `extra` arguments after the prior weight."""
+    return {f"dreambooth-{key}{suffix}": (
+        "dreambooth", f"gstar-db-{key}{suffix}", "sks star",
+        ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts-500.txt", "--class-images",
+         "500", "--prior-weight", "0.5", *extra, "--caption-dropout", "0.1", "--ema-decay", "0.99",
+         "--steps", str(steps), "--lr", "2e-4", "--seed", seed])
+        for suffix, seed in (("", "0"), ("-seed1", "1"))}
+
+
 # (name, method, output stem, what [name] is in prompts, arguments). Learning rates and steps for this
 # 14 M-parameter 64 px model, not SD 1.5's defaults (personal_cli.DEFAULTS): see benchmarks/personalisation.md.
 RUNS = {
@@ -76,30 +89,20 @@ RUNS = {
                                  ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts.txt",
                                   "--class-images", "100", "--train-text-encoder", "--steps", "600", "--lr", "2e-4"]),
     # the base model's own guards against drift (caption dropout, the weights' moving average), a prior over
-    # 500 training captions at half weight, 900 steps; twice, with two training seeds
-    **{name: ("dreambooth", stem, "sks star",
-              ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts-500.txt",
-               "--class-images", "500", "--prior-weight", "0.5", "--caption-dropout", "0.1", "--ema-decay", "0.99",
-               "--steps", "900", "--lr", "2e-4", "--seed", seed])
-       for name, stem, seed in (("dreambooth-guarded", "gstar-db-guarded", "0"),
-                                ("dreambooth-guarded-seed1", "gstar-db-guarded-seed1", "1"))},
-    # the same with three class images a step (a steadier prior), which learns the star faster: 600 steps
-    **{name: ("dreambooth", stem, "sks star",
-              ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts-500.txt",
-               "--class-images", "500", "--prior-weight", "0.5", "--prior-batch", "3", "--caption-dropout", "0.1",
-               "--ema-decay", "0.99", "--steps", "600", "--lr", "2e-4", "--seed", seed])
-       for name, stem, seed in (("dreambooth-guarded-pb3", "gstar-db-guarded-pb3", "0"),
-                                ("dreambooth-guarded-pb3-seed1", "gstar-db-guarded-pb3-seed1", "1"))},
-    # and over 400 steps, which drifts less and still learns the star
-    **{name: ("dreambooth", stem, "sks star",
-              ["--token", "sks", "--class-word", "star", "--class-prompts", "OUT/class-prompts-500.txt",
-               "--class-images", "500", "--prior-weight", "0.5", "--prior-batch", "3", "--caption-dropout", "0.1",
-               "--ema-decay", "0.99", "--steps", "400", "--lr", "2e-4", "--seed", seed])
-       for name, stem, seed in (("dreambooth-guarded-400", "gstar-db-guarded-400", "0"),
-                                ("dreambooth-guarded-400-seed1", "gstar-db-guarded-400-seed1", "1"))},
+    # 500 training captions at half weight, 900 steps; then with three class images a step (a steadier
+    # prior, which learns the star faster) over 600 steps, and over 400, which drifts less
+    **guarded("guarded", 900),
+    **guarded("guarded-pb3", 600, "--prior-batch", "3"),
+    **guarded("guarded-400", 400, "--prior-batch", "3"),
 }
 # the seen prompts are scored with seeds 0-99 and, where the model is at hand, two more samples of them
 PRIOR_FIRST_SEEDS = (0, 1000, 2000)
+
+
+def prior_key(name: str, first_seed: int) -> str:
+    """The results' key of a model's seen-prompt scores: the plain name for seeds 0-99, as earlier versions
+    of this script wrote them, name@FIRST for the other seed sets."""
+    return name if first_seed == 0 else f"{name}@{first_seed}"
 
 
 def instance_folder(folder: Path, count: int = 5) -> Path:
@@ -234,14 +237,15 @@ def main(argv=None) -> int:
     if "prior" in wanted:
         prior = results.setdefault("prior", {})
         for name in ("baseline", *(n for n in RUNS if RUNS[n][0] == "dreambooth")):
-            if name == "baseline" or (out / f"{RUNS[name][1]}.safetensors").exists():
-                for first_seed in PRIOR_FIRST_SEEDS:
-                    key = name if first_seed == 0 else f"{name}@{first_seed}"
-                    if key not in prior:
-                        scores = evaluate(pipeline_for(name, out), count=100, split="train", first_seed=first_seed)
-                        prior[key] = {k: scores[k] for k in ("n", "background", "color", "shape", "position")}
-                        save()
-            samples = [prior[k] for k in (name, *(f"{name}@{f}" for f in PRIOR_FIRST_SEEDS[1:])) if k in prior]
+            missing = [f for f in PRIOR_FIRST_SEEDS if prior_key(name, f) not in prior]
+            if missing and (name == "baseline" or (out / f"{RUNS[name][1]}.safetensors").exists()):
+                pipeline = pipeline_for(name, out)
+                for first_seed in missing:
+                    scores = evaluate(pipeline, count=100, split="train", first_seed=first_seed)
+                    prior[prior_key(name, first_seed)] = {k: scores[k] for k in
+                                                          ("n", "background", "color", "shape", "position")}
+                    save()
+            samples = [prior[prior_key(name, f)] for f in PRIOR_FIRST_SEEDS if prior_key(name, f) in prior]
             if samples:
                 mean = {a: sum(p[a] for p in samples) / len(samples) for a in ("background", "color", "shape")}
                 print(f"seen prompts, {name} ({100 * len(samples)} images): background {mean['background']:.1%} "

@@ -103,7 +103,7 @@ class DreamBoothLoss(nn.Module):
         index, n = batch["index"], len(batch["index"])
         # the prompt of each class image drawn: class image i is of class_prompts[i % len]
         prompt_index = (batch["class_index"] % len(self.class_prompts)).tolist() if self.class_latents else []
-        dropped = batch["dropped"].tolist() if "dropped" in batch else [False] * (n + len(prompt_index))
+        dropped = batch["dropped"].tolist() if "dropped" in batch else [False] * len(batch["latents"])
         if self.text_encoder is None:
             rows = index.tolist() + [len(run.captions) + i for i in prompt_index]
             context = self.context[[-1 if d else r for r, d in zip(rows, dropped)]]
