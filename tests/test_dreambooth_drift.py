@@ -1,6 +1,7 @@
 """DreamBooth's guards against drift beyond the prior loss: caption dropout (a share of samples trains the
-empty prompt, which classifier-free guidance subtracts), writing the moving average of the weights, and
-more class images per step."""
+empty prompt, which classifier-free guidance subtracts), writing the moving average of the weights, more
+class images per step, the convolutions at a lower learning rate, and the identifier's embedding learned
+(and written into the token table) instead of the concept going into the U-Net alone."""
 
 import json
 
@@ -14,6 +15,7 @@ from latentdiff.prompts import encode_prompts
 from latentdiff.schedules import alphas_cumprod_for
 from latentdiff.train.dreambooth import train_dreambooth
 from latentdiff.train.personal import denoising_mse
+from latentdiff.unet import SpatialTransformer
 
 PROMPTS = ("a red circle", "a blue square")
 
@@ -70,7 +72,9 @@ def test_prior_batch_draws_that_many_class_images_per_instance_image(setup, capt
 
 def test_bad_values_are_refused_before_any_work(setup):  # noqa: F811
     for kwargs, message in (({"caption_dropout": 1.0}, "caption_dropout=1.0"), ({"ema_decay": 1.5}, "ema_decay=1.5"),
-                            ({"prior_batch": 0}, "prior_batch=0")):
+                            ({"prior_batch": 0}, "prior_batch=0"), ({"conv_lr_scale": -1}, "conv_lr_scale=-1"),
+                            ({"identifier_lr": 0}, "identifier_lr=0"),
+                            ({"train_identifier": True, "train_text_encoder": True}, "choose one")):
         with pytest.raises(InputError, match=message):
             train_dreambooth(settings(setup, "db-bad", "sks"), class_word="star", **kwargs)
 
@@ -83,10 +87,43 @@ def test_cli_flags_reach_the_run_and_bad_values_are_one_line(setup, tmp_path, ca
               "--sample-steps", "1", "--no-progress"]
     out = tmp_path / "cli-guarded.safetensors"
     assert main([*common, "-o", str(out), "--caption-dropout", "0.1", "--ema-decay", "0.99",
-                 "--prior-batch", "2"]) == 0
+                 "--prior-batch", "2", "--conv-lr-scale", "0.25", "--train-identifier", "--identifier-lr", "0.01"]) == 0
     record = json.loads((tmp_path / "cli-guarded-training" / "training.json").read_text())
     assert (record["caption_dropout"], record["ema_decay"], record["prior_batch"]) == (0.1, 0.99, 2)
+    assert (record["conv_lr_scale"], record["train_identifier"], record["identifier_lr"]) == (0.25, True, 0.01)
     capsys.readouterr()
     assert main([*common, "-o", str(tmp_path / "bad.safetensors"), "--ema-decay", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ema_decay=1.0" in err
+
+
+def transformer_parameters(unet) -> set[str]:
+    return {f"{name}.{p}" for name, m in unet.named_modules() if isinstance(m, SpatialTransformer)
+            for p, _ in m.named_parameters()}
+
+
+def test_conv_lr_scale_zero_trains_only_the_transformer_blocks(setup):  # noqa: F811
+    out = train_dreambooth(settings(setup, "db-conv0", "sks", steps=2), class_word="star", class_images=2,
+                           conv_lr_scale=0, save_dtype="fp32")
+    base_model = load_model(setup[1])
+    base, trained = base_model.unet.state_dict(), load_model(out).unet.state_dict()
+    attention = transformer_parameters(base_model.unet)
+    assert 0 < len(attention) < len(base)  # both groups hold parameters
+    assert all(torch.equal(trained[k], base[k]) for k in base if k not in attention)  # AdamW at lr 0: untouched
+    assert sum(not torch.equal(trained[k], base[k]) for k in attention) > len(attention) // 2
+
+
+def test_a_learned_identifier_changes_its_token_rows_and_nothing_else_in_the_text_encoder(setup, captured):  # noqa: F811
+    out = train_dreambooth(settings(setup, "db-identifier", "sks", steps=2), class_word="star", class_images=2,
+                           train_identifier=True, identifier_lr=0.1, save_dtype="fp32")
+    base_model, trained_model = load_model(setup[1]), load_model(out)
+    base, trained = base_model.text_encoder.state_dict(), trained_model.text_encoder.state_dict()
+    table = next(k for k in base if k.endswith("token_embedding.weight"))
+    assert all(torch.equal(trained[k], base[k]) for k in base if k != table)
+    ids = base_model.tokenizer.token_ids(["sks"])[0]
+    changed = (trained[table] != base[table]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(ids)
+    assert torch.equal(trained[table][ids], captured[0].module.identifier.detach())  # the vectors trained, written
+    with torch.no_grad():  # a prompt without the identifier reads as before
+        plain = [encode_prompts(["a red circle"], m.tokenizer, m.text_encoder, 1) for m in (base_model, trained_model)]
+    assert torch.equal(*plain)

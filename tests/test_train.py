@@ -248,6 +248,17 @@ def test_ema_update_formula():
     assert torch.equal(param.detach(), ema.shadow["w"])
 
 
+def test_ema_without_warmup_keeps_the_starting_weights_from_the_first_step():
+    param = nn.Parameter(torch.tensor([1.0]))
+    module = nn.Module()
+    module.w = param
+    ema = EMA(module, decay=0.9, warmup=False)
+    with torch.no_grad():
+        param.copy_(torch.tensor([3.0]))
+    ema.update(module, step=0)  # d = 0.9 at once, not the warm-up's 0.1
+    assert torch.allclose(ema.shadow["w"], torch.tensor([0.9 * 1 + 0.1 * 3]))
+
+
 def test_caption_dropout_rate(tokenizer, accelerator):
     recipe = StageRecipe(steps=1, batch_size=32, lr=1e-3)
     stage = tiny_diffusion_stage(tokenizer, accelerator, recipe)

@@ -202,10 +202,12 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("method", ["embedding", "lora", "dreambooth"])
 def test_resumed_run_equals_uninterrupted(setup, monkeypatch, method):
-    # DreamBooth with everything a resume must restore: the prior's class images and draws, the EMA, dropout
+    # DreamBooth with everything a resume must restore: the prior's class images and draws, the EMA, dropout,
+    # the optimizer's learning-rate groups and the identifier's vectors
     train = {"embedding": lambda s: train_embedding(s, init_word="star"), "lora": train_lora,
              "dreambooth": lambda s: train_dreambooth(s, class_word="star", class_images=2, prior_batch=2,
-                                                      ema_decay=0.9, caption_dropout=0.3, save_dtype="fp32")}[method]
+                                                      ema_decay=0.9, caption_dropout=0.3, save_dtype="fp32",
+                                                      conv_lr_scale=0.5, train_identifier=True)}[method]
 
     def token(name):  # an embedding's token is its file name; a LoRA's is text in the captions: the same in both
         return name if method == "embedding" else "sks"

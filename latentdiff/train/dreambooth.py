@@ -17,6 +17,13 @@ Two guards against drift that the base model's own training used (train/diffusio
 trains that share of samples on the empty prompt, which classifier-free guidance subtracts from every
 prompt's prediction (left untrained, it drifts and guidance multiplies the drift); `ema_decay` writes the
 moving average of the weights rather than the last step's, whose step-to-step noise shows as wrong shapes.
+The average starts at the base model's weights with no warm-up, so decay d over T steps keeps d**T of them.
+
+Two ways to let the fine-tune move the model less for the same concept: `conv_lr_scale` trains the U-Net's
+convolutional parts (everything outside its transformer blocks) at that multiple of the learning rate, and
+`train_identifier` also learns the identifier's token embedding at `identifier_lr` (pivotal tuning: textual
+inversion and DreamBooth together), written into the checkpoint's token table, so the text side carries
+part of the concept and prompts without the identifier read the same as before.
 
 Written as a whole single-file checkpoint (loader.save_model, `save_dtype`), optionally also a diffusers
 folder.
@@ -29,14 +36,17 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..formats.embeddings import Embedding
 from ..images import load_image
 from ..loader import load_model, save_model
 from ..pipeline import Pipeline
 from ..schedules import alphas_cumprod_for
+from ..unet import SpatialTransformer
 from .ema import EMA
 from .loop import Stage
 from .personal import Run, Settings, denoising_mse, encode_images, noisy_sample_parts, stage_recipe, train_personal
 from .shapes import image_to_tensor
+from .textual_inversion import initial_vectors
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -84,7 +94,7 @@ class DreamBoothLoss(nn.Module):
     the text encoder) are submodules, trained; the autoencoder is not."""
 
     def __init__(self, run: Run, class_prompts: tuple[str, ...], class_latents: dict | None, prior_weight: float,
-                 train_text_encoder: bool):
+                 train_text_encoder: bool, train_identifier: bool):
         super().__init__()
         self.unet = run.model.unet.requires_grad_(True)
         self.text_encoder = run.model.text_encoder.requires_grad_(True) if train_text_encoder else None
@@ -97,6 +107,15 @@ class DreamBoothLoss(nn.Module):
         if not train_text_encoder:
             with torch.no_grad():
                 self.context = run.encode(run.captions + list(class_prompts) + [""])  # the last: dropped captions
+        self.identifier_ids = run.model.tokenizer.token_ids([run.settings.token])[0]
+        self.identifier = nn.Parameter(initial_vectors(run, run.settings.token, len(self.identifier_ids))) \
+            if train_identifier else None
+
+    def write_identifier(self) -> None:
+        """Write the learned identifier vectors into the text encoder's token table."""
+        table = self.run["run"].model.text_encoder.transformer.text_model.embeddings.token_embedding.weight
+        with torch.no_grad():
+            table[self.identifier_ids] = self.identifier.detach().to(table)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         run = self.run["run"]
@@ -107,6 +126,11 @@ class DreamBoothLoss(nn.Module):
         if self.text_encoder is None:
             rows = index.tolist() + [len(run.captions) + i for i in prompt_index]
             context = self.context[[-1 if d else r for r, d in zip(rows, dropped)]]
+            if self.identifier is not None:  # every instance caption encoded, so the vectors always get a gradient
+                learned = Embedding(run.settings.token, self.identifier, "training", "", run.settings.output)
+                fresh = run.encode([run.captions[i] for i in index.tolist()], {run.settings.token: learned})
+                keep = torch.tensor([not d for d in dropped[:n]], device=context.device).view(-1, 1, 1)
+                context = torch.cat([torch.where(keep, fresh, context[:n]), context[n:]])
         else:
             prompts = [run.captions[i] for i in index.tolist()] + [self.class_prompts[i] for i in prompt_index]
             context = run.encode(["" if d else p for p, d in zip(prompts, dropped)], text_encoder=self.text_encoder)
@@ -130,6 +154,9 @@ class DreamBooth:
     caption_dropout: float = 0.0  # kohya's --caption_dropout_rate: this share of samples trains the empty prompt
     ema_decay: float = 0.0  # 0: write the last weights; else their moving average (train.ema.EMA)
     prior_batch: int = 1  # class images drawn per instance sample each step
+    conv_lr_scale: float = 1.0  # learning rate of the U-Net outside its transformer blocks, times lr
+    train_identifier: bool = False  # also learn the identifier's token embedding
+    identifier_lr: float = 5e-3  # A1111's textual-inversion default
     name = "dreambooth"
     require_token = True
 
@@ -150,6 +177,12 @@ class DreamBooth:
             raise InputError(f"caption_dropout={self.caption_dropout}: give a share in [0, 1), e.g. 0.1")
         if not 0 <= self.ema_decay < 1:
             raise InputError(f"ema_decay={self.ema_decay}: give 0 (off) or a decay below 1, e.g. 0.99")
+        if self.conv_lr_scale < 0 or self.identifier_lr <= 0:
+            raise InputError(f"conv_lr_scale={self.conv_lr_scale}, identifier_lr={self.identifier_lr}: the scale must "
+                             "be >= 0 (1: the whole U-Net at lr) and the identifier's learning rate > 0")
+        if self.train_identifier and self.train_text_encoder:
+            raise InputError("train_identifier and train_text_encoder: choose one; a trained text encoder learns "
+                             "the identifier's embedding with the rest of it")
         if self.diffusers_folder is not None and Path(self.diffusers_folder).exists():
             raise InputError(f"diffusers folder {self.diffusers_folder} already exists; choose a new path")
         return f"{settings.token} {self.class_word}"  # "a [identifier] [class]"
@@ -163,7 +196,8 @@ class DreamBooth:
         if self.prior_weight > 0:
             images = class_images(run, self.prompts(), self.class_images, s.sample_steps, s.sample_cfg_scale)
             class_latents = encode_images(run.model, images, run.accelerator.device)
-        module = DreamBoothLoss(run, self.prompts(), class_latents, self.prior_weight, self.train_text_encoder)
+        module = DreamBoothLoss(run, self.prompts(), class_latents, self.prior_weight, self.train_text_encoder,
+                                self.train_identifier)
 
         def make_batch(step: int, first: int, count: int, generator: torch.Generator) -> dict:
             batch = run.draw(step, first, count, generator)
@@ -177,12 +211,22 @@ class DreamBooth:
                 batch["dropped"] = torch.rand(len(batch["latents"]), generator=generator) < self.caption_dropout
             return batch
 
-        ema = EMA(module, self.ema_decay) if self.ema_decay else None
-        return Stage(self.name, module, make_batch, stage_recipe(s), ema=ema)
+        ema = EMA(module, self.ema_decay, warmup=False) if self.ema_decay else None
+        attention = {f"unet.{name}.{p}" for name, m in run.model.unet.named_modules()
+                     if isinstance(m, SpatialTransformer) for p, _ in m.named_parameters()}
+
+        def lr_scale(name: str) -> float:
+            if name == "identifier":
+                return self.identifier_lr / s.lr
+            return self.conv_lr_scale if name.startswith("unet.") and name not in attention else 1.0
+
+        return Stage(self.name, module, make_batch, stage_recipe(s), ema=ema, lr_scale=lr_scale)
 
     def write(self, run: Run, stage: Stage) -> Path:
         if stage.ema is not None:
             stage.ema.copy_to(stage.module)
+        if stage.module.identifier is not None:
+            stage.module.write_identifier()
         model = run.model.cpu().requires_grad_(False)
         if self.diffusers_folder is not None:
             save_model(model, self.diffusers_folder)
@@ -196,11 +240,14 @@ def train_dreambooth(settings: Settings, *, class_word: str, class_prompt: str |
                      class_prompts: tuple[str, ...] = (), class_images: int = 100, prior_weight: float = 1.0,
                      train_text_encoder: bool = False, save_dtype: str = "fp16",
                      diffusers_folder: Path | None = None, caption_dropout: float = 0.0,
-                     ema_decay: float = 0.0, prior_batch: int = 1) -> Path:
+                     ema_decay: float = 0.0, prior_batch: int = 1, conv_lr_scale: float = 1.0,
+                     train_identifier: bool = False, identifier_lr: float = 5e-3) -> Path:
     method = DreamBooth(class_word, class_prompt, tuple(class_prompts), class_images, prior_weight, train_text_encoder,
-                        save_dtype, diffusers_folder, caption_dropout, ema_decay, prior_batch)
+                        save_dtype, diffusers_folder, caption_dropout, ema_decay, prior_batch, conv_lr_scale,
+                        train_identifier, identifier_lr)
     details = {"class_word": class_word, "class_prompts": list(method.prompts()), "class_images": class_images,
                "prior_weight": prior_weight, "train_text_encoder": train_text_encoder, "save_dtype": save_dtype,
                "diffusers_folder": str(diffusers_folder) if diffusers_folder else None,
-               "caption_dropout": caption_dropout, "ema_decay": ema_decay, "prior_batch": prior_batch}
+               "caption_dropout": caption_dropout, "ema_decay": ema_decay, "prior_batch": prior_batch,
+               "conv_lr_scale": conv_lr_scale, "train_identifier": train_identifier, "identifier_lr": identifier_lr}
     return train_personal(method, settings, details)

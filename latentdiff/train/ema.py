@@ -17,16 +17,17 @@ class EMA:
     would round most updates away.
     """
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise InputError(f"EMA decay must be in [0, 1), got {decay}; typical values are 0.999 to 0.9999")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()}
 
     def decay_at(self, step: int) -> float:
-        """The decay used after optimizer step `step` (0-based): ramps up as (1 + step) / (10 + step)
-        so the average does not stay anchored to the random initial weights for thousands of steps."""
-        return min(self.decay, (1 + step) / (10 + step))
+        """The decay used after optimizer step `step` (0-based): with `warmup`, it ramps up as
+        (1 + step) / (10 + step) so the average does not stay anchored to random initial weights for
+        thousands of steps; a fine-tune starts from trained weights, which the average may keep."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:

@@ -66,13 +66,15 @@ def draw_images(seed: int, start: int, count: int, image_size: int) -> tuple[tor
 @dataclass
 class Stage:
     """One stage of the recipe: a module whose forward(batch) returns (loss, {name: scalar}) and a
-    function making this process's batch of a step from (step, first sample index, sample count, generator)."""
+    function making this process's batch of a step from (step, first sample index, sample count, generator).
+    `lr_scale` gives a parameter's learning rate, by its name in the module, as a multiple of the recipe's."""
 
     name: str
     module: nn.Module
     make_batch: Callable[[int, int, int, torch.Generator], dict]
     recipe: StageRecipe
     ema: EMA | None = None
+    lr_scale: Callable[[str], float] | None = None
 
 
 def local_batch_size(batch_size: int, accelerator: Accelerator) -> int:
@@ -109,8 +111,12 @@ def run_stage(stage: Stage, accelerator: Accelerator, out: Path, seed: int, prog
     recipe, name = stage.recipe, stage.name
     folder = out / "checkpoints" / name
     module = stage.module.to(accelerator.device)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=recipe.lr,
-                                  betas=(0.9, 0.999), weight_decay=0.0)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for parameter_name, p in module.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(stage.lr_scale(parameter_name) if stage.lr_scale else 1.0, []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps} for ps in groups.values()], lr=recipe.lr, betas=(0.9, 0.999),
+                                  weight_decay=0.0)
     step, seconds = 0, 0.0
     if has_state(folder):
         sidecar = load_state(folder, module=module, optimizer=optimizer, ema=stage.ema,
@@ -134,8 +140,8 @@ def run_stage(stage: Stage, accelerator: Accelerator, out: Path, seed: int, prog
 
     started = time.perf_counter()
     while step < recipe.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr_at(step)
+        for group, scale in zip(optimizer.param_groups, groups):
+            group["lr"] = recipe.lr_at(step) * scale
         generator = step_generator(seed, name, step, accelerator.process_index)
         first = (step * accelerator.num_processes + accelerator.process_index) * local
         batch = _to_device(stage.make_batch(step, first, local, generator), accelerator.device)

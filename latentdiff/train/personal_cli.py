@@ -93,7 +93,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                            help="share of samples trained on the empty prompt, which classifier-free guidance "
                                 "subtracts (default: 0)")
             p.add_argument("--ema-decay", type=float, default=0.0,
-                           help="write the moving average of the weights at this decay, e.g. 0.99 (default: 0, off)")
+                           help="write the moving average of the weights at this decay, starting from the base "
+                                "weights, e.g. 0.995 (default: 0, off)")
+            p.add_argument("--conv-lr-scale", type=float, default=1.0,
+                           help="learning rate of the U-Net outside its transformer blocks (ResNet blocks, "
+                                "convolutions) as a multiple of --lr (default: 1)")
+            p.add_argument("--train-identifier", action="store_true",
+                           help="also learn the identifier's token embedding (pivotal tuning), written into the "
+                                "checkpoint's token table")
+            p.add_argument("--identifier-lr", type=float, default=5e-3,
+                           help="learning rate of the identifier's embedding (default: 5e-3)")
             p.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                            help="dtype of the written checkpoint (default: fp16)")
             p.add_argument("--diffusers-folder", type=Path, help="also write the model as a new diffusers folder")
@@ -125,7 +134,9 @@ def run(args) -> Path:
                             class_images=args.class_images, prior_weight=args.prior_weight,
                             train_text_encoder=args.train_text_encoder, save_dtype=args.save_dtype,
                             diffusers_folder=args.diffusers_folder, caption_dropout=args.caption_dropout,
-                            ema_decay=args.ema_decay, prior_batch=args.prior_batch)
+                            ema_decay=args.ema_decay, prior_batch=args.prior_batch,
+                            conv_lr_scale=args.conv_lr_scale, train_identifier=args.train_identifier,
+                            identifier_lr=args.identifier_lr)
 
 
 def main(argv: list[str] | None = None, prog: str = "latentdiff train") -> int:
