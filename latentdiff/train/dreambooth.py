@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..formats.embeddings import Embedding
 from ..images import load_image
 from ..loader import load_model, save_model
 from ..pipeline import Pipeline
@@ -46,7 +45,7 @@ from .ema import EMA
 from .loop import Stage
 from .personal import Run, Settings, denoising_mse, encode_images, noisy_sample_parts, stage_recipe, train_personal
 from .shapes import image_to_tensor
-from .textual_inversion import initial_vectors
+from .textual_inversion import initial_vectors, token_table, training_embedding
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -107,13 +106,14 @@ class DreamBoothLoss(nn.Module):
         if not train_text_encoder:
             with torch.no_grad():
                 self.context = run.encode(run.captions + list(class_prompts) + [""])  # the last: dropped captions
-        self.identifier_ids = run.model.tokenizer.token_ids([run.settings.token])[0]
-        self.identifier = nn.Parameter(initial_vectors(run, run.settings.token, len(self.identifier_ids))) \
-            if train_identifier else None
+        self.identifier = None
+        if train_identifier:
+            self.identifier_ids = run.model.tokenizer.token_ids([run.settings.token])[0]
+            self.identifier = nn.Parameter(initial_vectors(run, run.settings.token, len(self.identifier_ids)))
 
     def write_identifier(self) -> None:
         """Write the learned identifier vectors into the text encoder's token table."""
-        table = self.run["run"].model.text_encoder.transformer.text_model.embeddings.token_embedding.weight
+        table = token_table(self.run["run"])
         with torch.no_grad():
             table[self.identifier_ids] = self.identifier.detach().to(table)
 
@@ -127,8 +127,8 @@ class DreamBoothLoss(nn.Module):
             rows = index.tolist() + [len(run.captions) + i for i in prompt_index]
             context = self.context[[-1 if d else r for r, d in zip(rows, dropped)]]
             if self.identifier is not None:  # every instance caption encoded, so the vectors always get a gradient
-                learned = Embedding(run.settings.token, self.identifier, "training", "", run.settings.output)
-                fresh = run.encode([run.captions[i] for i in index.tolist()], {run.settings.token: learned})
+                learned = {run.settings.token: training_embedding(run, self.identifier)}
+                fresh = run.encode([run.captions[i] for i in index.tolist()], learned)
                 keep = torch.tensor([not d for d in dropped[:n]], device=context.device).view(-1, 1, 1)
                 context = torch.cat([torch.where(keep, fresh, context[:n]), context[n:]])
         else:

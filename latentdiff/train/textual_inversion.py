@@ -26,12 +26,21 @@ from .loop import Stage
 from .personal import Run, Settings, denoising_mse, stage_recipe, train_personal
 
 
+def token_table(run: Run) -> torch.Tensor:
+    """The text encoder's (vocabulary, width) token embeddings."""
+    return run.model.text_encoder.transformer.text_model.embeddings.token_embedding.weight
+
+
 def initial_vectors(run: Run, init_word: str, count: int) -> torch.Tensor:
     ids = run.model.tokenizer.token_ids([init_word])[0]
     if not ids:
         raise InputError(f"init_word={init_word!r} has no tokens; give a word close to the concept, e.g. 'star'")
-    table = run.model.text_encoder.transformer.text_model.embeddings.token_embedding.weight
-    return table[[ids[i % len(ids)] for i in range(count)]].detach().float().clone()
+    return token_table(run)[[ids[i % len(ids)] for i in range(count)]].detach().float().clone()
+
+
+def training_embedding(run: Run, vectors: torch.Tensor) -> Embedding:
+    """The run's token made of `vectors`, for run.encode: the gradient reaches them through the encoder."""
+    return Embedding(run.settings.token, vectors, "training", "", run.settings.output)
 
 
 class EmbeddingLoss(nn.Module):
@@ -45,14 +54,10 @@ class EmbeddingLoss(nn.Module):
         self.run = {"run": run}
         self.alphas_cumprod = alphas_cumprod_for(run.model.config).float()
 
-    def embedding(self) -> Embedding:
-        run = self.run["run"]
-        return Embedding(run.settings.token, self.vectors, "training", "", run.settings.output)
-
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         run = self.run["run"]
         captions = [run.captions[i] for i in batch["index"].tolist()]
-        context = run.encode(captions, {run.settings.token: self.embedding()})
+        context = run.encode(captions, {run.settings.token: training_embedding(run, self.vectors)})
         mse = denoising_mse(run.model.unet, batch, context, self.alphas_cumprod, run.model.config.prediction)
         return mse.mean(), {}
 
